@@ -1,0 +1,445 @@
+"""Start a Corral fleet as separate processes, as in production, and tear it down.
+
+Redis (``corral.redis_proc.RedisProcess``, never the one on 6379), fake Ollama nodes,
+one worker per node, a gateway and a scheduler each run as their own ``corral ...``
+subprocess in their own session. Readiness is polled with a deadline: a fake answers
+``/api/version``, a worker's heartbeat is in Redis, the gateway's ``/healthz`` answers
+and counts the nodes. ``stop()`` sends SIGTERM, waits, then SIGKILLs what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+import psutil
+import redis as redis_sync
+
+from corral import keys
+from corral.redis_proc import RedisProcess, free_port
+
+BENCH_DIR = Path(__file__).resolve().parent
+OUT_DIR = BENCH_DIR / "out"
+START_DEADLINE = 30.0
+
+
+def raise_nofile(wanted: int = 65536) -> int:
+    """Raise this process's open-file limit (children inherit it); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _child_env() -> dict[str, str]:
+    # Settings come from our flags only: drop CORRAL_* / OLLAMA_* from the caller's shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "OLLAMA_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _http_ok(url: str, timeout: float = 1.0) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bytes(resp.read()) if resp.status == 200 else None
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+class Proc:
+    """One child process with its log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            start_new_session=True,
+        )
+        self.ps = psutil.Process(self.popen.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive:
+            code = self.popen.returncode
+            raise RuntimeError(f"{self.name} exited with code {code}; log:\n{self.log_tail()}")
+
+    def log_tail(self, limit: int = 3000) -> str:
+        try:
+            return self.log_path.read_bytes()[-limit:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process (and of its children, e.g. uvicorn workers)."""
+        try:
+            total = sum(self.ps.cpu_times()[:2])
+            for child in self.ps.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += sum(child.cpu_times()[:2])
+            return float(total)
+        except psutil.Error:
+            return 0.0
+
+    def rss(self) -> int:
+        try:
+            return int(self.ps.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+        self._log.close()
+
+    def terminate(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        # Whatever it left behind in its session (uvicorn workers) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def corral_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "corral.cli", *args]
+
+
+@dataclass
+class Node:
+    node_id: str
+    fake: Proc
+    fake_url: str
+    worker: Proc | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its fake Ollama (a node dying)."""
+        if self.worker is not None:
+            self.worker.kill()
+        self.fake.kill()
+
+
+@dataclass
+class FakeSpec:
+    """Flags for one fake Ollama node."""
+
+    models: list[str] = field(default_factory=lambda: ["bench:latest"])
+    num_parallel: int = 1
+    max_loaded_models: int = 3
+    load_delay: float = 0.0
+    token_rate: float = 0.0
+    preload: list[str] = field(default_factory=list)
+    max_queue: int = 512
+    extra: list[str] = field(default_factory=list)
+
+    def argv(self, port: int) -> list[str]:
+        out = [
+            "fake-ollama",
+            "--port", str(port),
+            "--models", ",".join(self.models),
+            "--num-parallel", str(self.num_parallel),
+            "--max-loaded-models", str(self.max_loaded_models),
+            "--load-delay", str(self.load_delay),
+            "--token-rate", str(self.token_rate),
+            "--max-queue", str(self.max_queue),
+        ]  # fmt: skip
+        if self.preload:
+            out += ["--preload", ",".join(self.preload)]
+        return out + self.extra
+
+
+class Fleet:
+    """Redis + fakes + workers + gateway + scheduler, each its own process.
+
+    ``common`` flags go to the gateway, every worker and the scheduler (e.g. a short
+    ``--node-ttl``); ``log_level`` defaults to WARNING so per-job INFO lines do not cost
+    CPU in the measurements.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        log_level: str = "WARNING",
+        common: list[str] | None = None,
+        redis_args: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.log_dir = OUT_DIR / "logs" / name
+        self.log_level = log_level
+        self.common = list(common or [])
+        self.redis_args = list(redis_args or [])
+        self.redis: RedisProcess | None = None
+        self.nodes: list[Node] = []
+        self.gateway: Proc | None = None
+        self.gateway_url = ""
+        self.scheduler: Proc | None = None
+        self.extra: list[Proc] = []
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def redis_url(self) -> str:
+        assert self.redis is not None
+        return self.redis.url
+
+    def start_redis(self) -> str:
+        # No persistence, a big client backlog: a benchmark Redis, not a durable one.
+        self.redis = RedisProcess(
+            extra_args=["--maxclients", "20000", "--tcp-backlog", "4096", *self.redis_args]
+        ).start()
+        return self.redis.url
+
+    def redis_client(self) -> redis_sync.Redis:
+        return redis_sync.Redis.from_url(self.redis_url)
+
+    def precreate_priority_streams(self, models: list[str]) -> None:
+        """Create every (model, priority) stream and its consumer group up front.
+
+        A workaround, not a tuning: the scheduler's dead-node reclaim runs XPENDING on all
+        ten priority streams of every known model and exits on the NOGROUP error a
+        never-used priority gives (see RESULTS.md). With the streams in place it works.
+        Creating them is what enqueueing one job of each priority would do.
+        """
+        client = self.redis_client()
+        try:
+            for model in models:
+                for prio in keys.PRIORITIES:
+                    stream = keys.stream(model, prio)
+                    if not client.exists(stream):
+                        client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+        finally:
+            client.close()
+
+    def start_fake(self, name: str, spec: FakeSpec) -> tuple[Proc, str]:
+        port = free_port()
+        proc = Proc(f"fake-{name}", corral_argv(*spec.argv(port)), self.log_dir)
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _http_ok(url + "/api/version") is not None, proc, f"fake {name}")
+        return proc, url
+
+    def add_node(
+        self,
+        node_id: str,
+        spec: FakeSpec,
+        *,
+        worker_args: list[str] | None = None,
+        with_worker: bool = True,
+        wait: bool = True,
+    ) -> Node:
+        fake, url = self.start_fake(node_id, spec)
+        node = Node(node_id, fake, url)
+        self.nodes.append(node)
+        if with_worker:
+            self.start_worker(node, spec.num_parallel, worker_args or [], wait=wait)
+        return node
+
+    def start_worker(
+        self, node: Node, slots: int, args: list[str], *, wait: bool = True, tag: str = ""
+    ) -> Proc:
+        argv = corral_argv(
+            "worker",
+            "--redis-url", self.redis_url,
+            "--ollama-url", node.fake_url,
+            "--node-id", node.node_id,
+            "--num-parallel", str(slots),
+            "--log-level", self.log_level,
+            "--drain-timeout", "2",
+            *self.common,
+            *args,
+        )  # fmt: skip
+        node.worker = Proc(f"worker-{node.node_id}{tag}", argv, self.log_dir)
+        if wait:
+            self.wait_worker(node)
+        return node.worker
+
+    def wait_worker(self, node: Node) -> None:
+        client = self.redis_client()
+        worker = node.worker
+        assert worker is not None
+        try:
+            _wait_for(
+                lambda: client.zscore(keys.NODES, node.node_id) is not None,
+                worker,
+                f"worker {node.node_id}",
+            )
+        finally:
+            client.close()
+
+    def start_gateway(self, args: list[str] | None = None, *, expect_nodes: int = 0) -> str:
+        port = free_port()
+        argv = corral_argv(
+            "gateway",
+            "--redis-url", self.redis_url,
+            "--port", str(port),
+            "--log-level", self.log_level,
+            *self.common,
+            *(args or []),
+        )  # fmt: skip
+        self.gateway = Proc("gateway", argv, self.log_dir)
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        gw = self.gateway
+
+        def ready() -> bool:
+            raw = _http_ok(self.gateway_url + "/healthz")
+            return raw is not None and int(orjson.loads(raw).get("nodes", 0)) >= expect_nodes
+
+        _wait_for(ready, gw, "gateway")
+        return self.gateway_url
+
+    def wait_gateway_nodes(self, count: int) -> None:
+        assert self.gateway is not None
+        gw = self.gateway
+
+        def ready() -> bool:
+            raw = _http_ok(self.gateway_url + "/healthz")
+            return raw is not None and int(orjson.loads(raw).get("nodes", -1)) == count
+
+        _wait_for(ready, gw, f"gateway to see {count} node(s)")
+
+    def start_scheduler(self, args: list[str] | None = None) -> Proc:
+        argv = corral_argv(
+            "scheduler",
+            "--redis-url", self.redis_url,
+            "--log-level", self.log_level,
+            *self.common,
+            *(args or []),
+        )  # fmt: skip
+        self.scheduler = Proc("scheduler", argv, self.log_dir)
+        time.sleep(0.3)
+        self.scheduler.check_alive()
+        return self.scheduler
+
+    def spawn(self, name: str, argv: list[str]) -> Proc:
+        """Any other helper process (push balancer, heartbeat simulator); stopped with us."""
+        proc = Proc(name, argv, self.log_dir)
+        self.extra.append(proc)
+        return proc
+
+    def processes(self) -> dict[str, Proc]:
+        out: dict[str, Proc] = {}
+        if self.gateway is not None:
+            out["gateway"] = self.gateway
+        for node in self.nodes:
+            if node.worker is not None:
+                out[node.worker.name] = node.worker
+            out[node.fake.name] = node.fake
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler
+        for proc in self.extra:
+            out[proc.name] = proc
+        return out
+
+    def redis_pid(self) -> int | None:
+        return self.redis.pid if self.redis is not None else None
+
+    def stop(self) -> None:
+        procs: list[Proc] = []
+        if self.gateway is not None:
+            procs.append(self.gateway)
+        procs += self.extra
+        procs += [n.worker for n in self.nodes if n.worker is not None]
+        if self.scheduler is not None:
+            procs.append(self.scheduler)
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        fakes = [n.fake for n in self.nodes]
+        for proc in fakes:
+            proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in fakes:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _wait_for(check: Any, proc: Proc, what: str, deadline_s: float = START_DEADLINE) -> None:
+    deadline = time.monotonic() + deadline_s
+    interval = 0.02
+    while True:
+        proc.check_alive()
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{what} not ready after {deadline_s:g}s; log tail:\n{proc.log_tail()}"
+            )
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.2)
+
+
+class CpuSampler:
+    """CPU seconds used by each process between ``start()`` and ``stop()``."""
+
+    def __init__(self, procs: dict[str, Proc], redis_pid: int | None) -> None:
+        self.procs = procs
+        self.redis = psutil.Process(redis_pid) if redis_pid else None
+        self.before: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        out = {name: proc.cpu_seconds() for name, proc in self.procs.items()}
+        if self.redis is not None:
+            with contextlib.suppress(psutil.Error):
+                out["redis"] = float(sum(self.redis.cpu_times()[:2]))
+        return out
+
+    def start(self) -> None:
+        self.before = self._read()
+
+    def stop(self) -> dict[str, float]:
+        after = self._read()
+        self.used = {k: after[k] - self.before.get(k, 0.0) for k in after}
+        return self.used

@@ -1,0 +1,223 @@
+"""Run Corral's benchmarks and write bench/RESULTS.md.
+
+    python bench/run_all.py                  # everything (about 10-15 minutes)
+    python bench/run_all.py --smoke          # seconds-long versions, for CI
+    python bench/run_all.py --only overhead --only streaming
+
+Each benchmark runs as its own process (``bench/bench_<name>.py``), which starts its own
+Redis, fake Ollama nodes, workers, gateway and scheduler as separate processes and tears
+them down. Its result lands in ``bench/results/<name>.json``; RESULTS.md is rendered from
+every result file there, so ``--only`` refreshes some sections and keeps the others.
+A smoke run writes to ``bench/out/`` instead and leaves RESULTS.md alone.
+No benchmark asserts on timings: they report, and a failed benchmark is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import report  # noqa: E402 - after the path set-up above
+from fleetctl import OUT_DIR  # noqa: E402
+
+BENCHMARKS = {
+    "overhead": ("bench_overhead.py", 240, 420),
+    "throughput": ("bench_throughput.py", 240, 420),
+    "scale": ("bench_scale.py", 240, 420),
+    "scheduling": ("bench_scheduling.py", 420, 900),
+    "recovery": ("bench_recovery.py", 240, 420),
+    "streaming": ("bench_streaming.py", 240, 420),
+}
+"""name -> (script, smoke timeout s, full timeout s)"""
+
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _busy_cpu() -> float:
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
+
+
+def run_one(name: str, smoke: bool, extra: list[str], out_dir: Path) -> dict[str, Any]:
+    script, smoke_limit, full_limit = BENCHMARKS[name]
+    out_json = out_dir / f"{name}.json"
+    out_json.unlink(missing_ok=True)
+    log = OUT_DIR / "logs" / f"{name}{'-smoke' if smoke else ''}.run.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(BENCH_DIR / script), "--json", str(out_json), *extra]
+    if smoke:
+        argv.append("--smoke")
+    print(f"== {name}: {' '.join(argv[1:])}", flush=True)
+    load_before = os.getloadavg()[0]
+    busy0, ours0, t0 = _busy_cpu(), _children_cpu(), time.monotonic()
+    with log.open("wb") as sink:
+        try:
+            proc = subprocess.run(
+                argv,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                timeout=smoke_limit if smoke else full_limit,
+                check=False,
+            )
+            code: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    wall = time.monotonic() - t0
+    # Other processes on the machine: all busy CPU minus ours (the benchmark and every
+    # process it started, which it waited for, so their CPU is in our children's usage).
+    other = max(0.0, (_busy_cpu() - busy0) - (_children_cpu() - ours0)) / wall
+    meta = {
+        "wall_s": wall,
+        "exit": code,
+        "load_before": load_before,
+        "other_cores": other,
+        "log": str(log.relative_to(BENCH_DIR)),
+    }
+    if code == 0 and out_json.exists():
+        result: dict[str, Any] = orjson.loads(out_json.read_bytes())
+    else:
+        tail = log.read_bytes()[-3000:].decode(errors="replace")
+        result = {
+            "name": name,
+            "markdown": f"## {name}\n\n**The benchmark failed** (exit: {code}). "
+            f"Last lines of its output:\n\n```\n{tail}\n```",
+            "summary": [{"metric": name, "value": "failed", "goal": "-", "status": "failed"}],
+            "data": {},
+        }
+    result["meta"] = meta
+    out_json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    print(f"   {name}: exit {code} in {wall:.0f} s", flush=True)
+    return result
+
+
+def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
+    m = run_info["machine"]
+    lines = [
+        "# Corral benchmarks",
+        "",
+        "Rewritten by `bench/run_all.py` (`make bench`); do not edit by hand. Each section "
+        "is produced by `bench/bench_<name>.py`, which starts Redis, fake Ollama nodes "
+        "(`corral fake-ollama`), one `corral worker` per node, a `corral gateway` and a "
+        "`corral scheduler`, each as its own process, and a load client in its own process. "
+        "The raw numbers are in `bench/results/*.json`. Nothing here asserts on timings.",
+        "",
+        f"- Run: {run_info['date']}, command `{run_info['command']}`, "
+        f"{run_info['wall_s'] / 60:.1f} minutes",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+        f"Python {m['python']}, Redis {m['redis']}",
+        f"- **All processes share the machine's {m['cores']} cores**: the load client, Redis, "
+        "the gateway, the workers, the fake Ollama nodes and the scheduler. Every number "
+        "below includes that contention; a real deployment puts Ollama, the workers and the "
+        "gateway on different machines.",
+        "- Corral processes run with `--log-level WARNING` (the default INFO writes lines per "
+        "job). The gateway runs one uvicorn process on uvloop with httptools.",
+        "",
+        "## Summary",
+        "",
+    ]
+    rows = []
+    for name, res in results.items():
+        for row in res.get("summary", []):
+            rows.append([name, row["metric"], row["value"], row["goal"], row["status"]])
+    lines.append(report.table(["benchmark", "metric", "measured", "goal", "status"], rows))
+    lines += ["", "Run conditions per benchmark:", ""]
+    cond = []
+    for name, res in results.items():
+        meta = res.get("meta", {})
+        cond.append(
+            [
+                name,
+                meta.get("date", run_info["date"]),
+                f"{meta.get('wall_s', 0):.0f} s",
+                f"{meta.get('load_before', 0):.2f}",
+                f"{meta.get('other_cores', 0):.2f}",
+                meta.get("exit", "?"),
+            ]
+        )
+    lines.append(
+        report.table(
+            [
+                "benchmark",
+                "run at",
+                "took",
+                "load average before",
+                "cores used by other processes meanwhile",
+                "exit",
+            ],
+            cond,
+        )
+    )
+    lines.append("")
+    for res in results.values():
+        lines += [res["markdown"], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="seconds-long versions (for CI)")
+    p.add_argument(
+        "--only", action="append", choices=sorted(BENCHMARKS), help="run only this (repeatable)"
+    )
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    args = p.parse_args(argv)
+    names = args.only or list(BENCHMARKS)
+    extra = ["--no-profile"] if args.no_profile else []
+    out_dir = OUT_DIR / "smoke" if args.smoke else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python bench/run_all.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    started = time.monotonic()
+    date = report.now_utc()
+    failed = []
+    for name in names:
+        res = run_one(name, args.smoke, extra, out_dir)
+        res["meta"]["date"] = date
+        res["meta"]["command"] = command.strip()
+        (out_dir / f"{name}.json").write_bytes(
+            orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        )
+        if res["meta"]["exit"] != 0:
+            failed.append(name)
+    # Every result there is, in the benchmarks' order (older ones kept by --only runs).
+    results = {}
+    for name in BENCHMARKS:
+        path = out_dir / f"{name}.json"
+        if path.exists():
+            results[name] = orjson.loads(path.read_bytes())
+    run_info = {
+        "date": date,
+        "command": command.strip(),
+        "wall_s": time.monotonic() - started,
+        "machine": report.machine(),
+    }
+    target = OUT_DIR / "RESULTS-smoke.md" if args.smoke else BENCH_DIR / "RESULTS.md"
+    target.write_text(render(results, run_info))
+    print(f"wrote {target.relative_to(BENCH_DIR.parent)}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""``corral``: one command, a subcommand per process or tool.
+
+Subcommands are imported only when run, so ``corral worker`` never loads the gateway
+and the shared core never imports a process package at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from corral import __version__
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "gateway": ("gateway.main", "serve the Ollama/OpenAI-compatible HTTP endpoint"),
+    "worker": ("worker.main", "run the daemon for one Ollama node"),
+    "scheduler": ("scheduler.main", "run maintenance: reclaim, retries, dead letters"),
+    "status": ("corral.status", "show queues, nodes and counters"),
+    "submit": ("corral.submit", "send one request through the gateway"),
+    "dlq": ("scheduler.dlq", "list, retry or purge dead-lettered jobs"),
+    "fake-ollama": ("corral.testing.fake_ollama", "run a simulated Ollama node"),
+    "demo": ("corral.demo", "start a local fleet and send it real requests"),
+    "bench": ("corral.benchmarks", "run the benchmarks in bench/"),
+}
+
+
+def usage() -> str:
+    lines = [f"corral {__version__}: an Ollama fleet behind one endpoint", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "run `corral COMMAND --help` for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    entry = COMMANDS.get(args[0])
+    if entry is None:
+        print(f"corral: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(entry[0])
+    result: int = module.main(args[1:])
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Redis clients with the timeouts each use needs.
+
+redis-py 8 gives every socket a 5 s timeout and retries on it, which breaks blocking
+reads and pub/sub; and its plain async pool fails past ``max_connections`` instead of
+waiting. So: a blocking pool for request/response traffic, and dedicated clients with
+a long socket timeout for ``BLPOP`` and subscriptions.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from corral.errors import RedisUnavailable
+
+CONNECT_TIMEOUT = 5.0
+
+
+def pooled(url: str, size: int, *, command_timeout: float = 10.0) -> Redis:
+    """A client for short commands; callers wait for a free connection rather than fail."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=size,
+        timeout=command_timeout,
+        socket_timeout=command_timeout,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+def blocking(url: str, longest_block: float | None) -> Redis:
+    """A client for blocking reads or pub/sub: its socket outlives the longest block.
+
+    ``longest_block=None`` means no socket timeout at all (subscriptions).
+    """
+    timeout = None if longest_block is None else longest_block + 10.0
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        single_connection_client=True,
+    )
+
+
+async def ping(redis: Redis) -> None:
+    try:
+        await redis.ping()
+    except RedisError as exc:
+        raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
+
+
+TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors after which a loop should back off and try again rather than die."""

@@ -1,0 +1,84 @@
+"""Corral's exception tree.
+
+``CorralError`` is the root. ``RequestError`` and its children carry an HTTP status
+and an Ollama-style message, so the gateway can answer ``{"error": ...}`` from any of
+them; ``BackendError`` is what a worker raises for a failed Ollama call, with whether
+a retry could help. Foreign errors (httpx, redis) are translated into these at the
+module that talks to the foreign library, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Base of every error Corral raises on purpose."""
+
+
+class ConfigError(CorralError):
+    """A setting is missing or invalid; raised at start-up, before any work is taken."""
+
+
+class RedisUnavailable(CorralError):
+    """Redis could not be reached or answered with an error."""
+
+
+class RequestError(CorralError):
+    """A request that Corral refuses, with the status and message to answer it with."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(RequestError):
+    status = 400
+
+
+class Unauthorized(RequestError):
+    status = 401
+
+
+class Forbidden(RequestError):
+    status = 403
+
+
+class NotFound(RequestError):
+    status = 404
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(f'model "{model}" not found, try pulling it first')
+        self.model = model
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class QueueFull(RequestError):
+    """The model's queue is at its bound; clients should retry later (503 + Retry-After)."""
+
+    status = 503
+
+
+class NotImplementedByCorral(RequestError):
+    status = 501
+
+
+class JobError(RequestError):
+    """A job ended without a result: the backend's error, a cancellation or an expiry."""
+
+
+class BackendError(CorralError):
+    """An Ollama call failed. ``retriable`` says whether another node or attempt may succeed."""
+
+    def __init__(self, message: str, status: int = 502, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retriable = retriable

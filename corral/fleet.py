@@ -1,0 +1,83 @@
+"""The node registry: worker heartbeats and the fleet view read from them.
+
+A worker writes its whole state as one JSON record (``corral:node:<id>``, with a TTL)
+and scores itself in the ``corral:nodes`` sorted set with the time. A node whose
+heartbeat is older than ``node_ttl`` is dead: the gateway stops routing its models to
+it and the scheduler takes back what it held.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from corral import keys
+
+NodeRecord = dict[str, Any]
+"""Heartbeat fields: ``node_id``, ``hosts``, ``ollama_url``, ``state`` (running or
+draining), ``models`` (``/api/tags`` entries), ``loaded`` (``/api/ps`` entries),
+``slots_total``, ``slots_busy``, ``cpu_percent``, ``mem``, ``gpus``, ``started_at``, ``ts``."""
+
+
+async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> None:
+    now = time.time()
+    record["ts"] = now
+    node_id = str(record["node_id"])
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.node(node_id), orjson.dumps(record), px=int(ttl * 1000))
+        pipe.zadd(keys.NODES, {node_id: now})
+        await pipe.execute()
+
+
+async def remove_node(redis: Redis, node_id: str) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.node(node_id))
+        pipe.zrem(keys.NODES, node_id)
+        await pipe.execute()
+
+
+@dataclass(slots=True)
+class Fleet:
+    """A snapshot of the live nodes and what they serve."""
+
+    nodes: list[NodeRecord] = field(default_factory=list)
+    taken_at: float = 0.0
+
+    def models(self) -> dict[str, NodeRecord]:
+        """Each model served by a running node, with one node's ``/api/tags`` entry for it."""
+        union: dict[str, NodeRecord] = {}
+        for node in self.nodes:
+            if node.get("state") != "running":
+                continue
+            for entry in node.get("models", []):
+                union.setdefault(str(entry.get("name") or entry.get("model")), entry)
+        return union
+
+    def has_model(self, model: str) -> bool:
+        return any(
+            node.get("state") == "running"
+            and any((m.get("name") or m.get("model")) == model for m in node.get("models", []))
+            for node in self.nodes
+        )
+
+    def loaded(self) -> list[NodeRecord]:
+        """``/api/ps`` entries across nodes, each tagged with the node that has it."""
+        out: list[NodeRecord] = []
+        for node in self.nodes:
+            out.extend({**entry, "node": node["node_id"]} for entry in node.get("loaded", []))
+        return out
+
+
+async def read_fleet(redis: Redis, node_ttl: float) -> Fleet:
+    now = time.time()
+    ids = await redis.zrangebyscore(keys.NODES, now - node_ttl, "+inf")
+    if not ids:
+        return Fleet(taken_at=now)
+    raw = await redis.mget([keys.node(i.decode() if isinstance(i, bytes) else str(i)) for i in ids])
+    nodes = [orjson.loads(item) for item in raw if item]
+    nodes.sort(key=lambda n: str(n.get("node_id")))
+    return Fleet(nodes=nodes, taken_at=now)

@@ -1,0 +1,289 @@
+"""Jobs as they live in Redis, and every state transition on them.
+
+A job record is a hash (``corral:job:<id>``) holding the request to send to Ollama,
+the state, timestamps, the node of the attempt, the result or error. The priority
+stream entry holds only the job id. Each transition is one Lua script (``corral/lua``)
+so a job can never be both cancelled and run, or answered twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from corral import keys, protocol
+from corral.errors import QueueFull
+from corral.keys import JobKind, JobState
+from corral.scripts import Scripts
+
+DOORBELL_CAP = 1024
+"""A doorbell holds at most this many rings; more would only wake workers for nothing."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """What a gateway enqueues."""
+
+    kind: JobKind
+    model: str
+    request: bytes
+    """The JSON body to send to Ollama's ``kind.path`` (already normalised)."""
+    priority: int
+    gateway_id: str
+    stream: bool
+    wait: bool = True
+    deadline: float = 0.0
+    """Unix time after which the job must not start (0: none)."""
+    job_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            self.job_id = new_job_id()
+
+
+@dataclass(slots=True)
+class ClaimedJob:
+    """A job a worker has claimed and marked running."""
+
+    job_id: str
+    kind: JobKind
+    model: str
+    priority: int
+    entry_id: str
+    request: bytes
+    stream: bool
+    gateway_id: str
+    attempt: int
+
+    @property
+    def stream_key(self) -> str:
+        return keys.stream(self.model, self.priority)
+
+
+class JobStore:
+    """Job transitions over one Redis client."""
+
+    def __init__(self, redis: Redis, *, job_ttl: int, result_ttl: int) -> None:
+        self.redis = redis
+        self.scripts = Scripts(redis)
+        self.job_ttl = job_ttl
+        self.result_ttl = result_ttl
+
+    async def enqueue(self, spec: JobSpec, *, max_queue: int) -> int:
+        """Store and queue the job in one step; returns the model's queued count.
+
+        Raises ``QueueFull`` (nothing stored) when the model already has ``max_queue``.
+        """
+        now = time.time()
+        fields: list[Any] = [
+            "id",
+            spec.job_id,
+            "kind",
+            spec.kind.value,
+            "model",
+            spec.model,
+            "prio",
+            spec.priority,
+            "state",
+            JobState.QUEUED.value,
+            "gw",
+            spec.gateway_id,
+            "stream",
+            int(spec.stream),
+            "wait",
+            int(spec.wait),
+            "req",
+            spec.request,
+            "created",
+            repr(now),
+            "deadline",
+            repr(spec.deadline),
+            "attempts",
+            0,
+        ]
+        depth = await self.scripts.enqueue(
+            keys=[
+                keys.job(spec.job_id),
+                keys.stream(spec.model, spec.priority),
+                keys.queued_count(spec.model),
+                keys.doorbell(spec.model),
+                keys.STATS,
+                keys.MODELS,
+            ],
+            args=[keys.GROUP, max_queue, DOORBELL_CAP, spec.job_id, spec.model, *fields],
+        )
+        if int(depth) < 0:
+            raise QueueFull(
+                f"server busy, please try again. {max_queue} requests already queued for "
+                f'model "{spec.model}"'
+            )
+        return int(depth)
+
+    async def claim(self, model: str, consumer: str) -> ClaimedJob | None:
+        """Claim the most urgent runnable job of ``model``, or None when none waits."""
+        reply = await self.scripts.claim(
+            keys=[*keys.streams(model), keys.queued_count(model), keys.doorbell(model), keys.STATS],
+            args=[
+                keys.GROUP,
+                consumer,
+                repr(time.time()),
+                keys.job(""),
+                keys.reply_channel(""),
+                self.job_ttl,
+            ],
+        )
+        if not reply:
+            return None
+        prio, entry, job_id, kind, request, stream, gw, attempt = reply
+        return ClaimedJob(
+            job_id=job_id.decode(),
+            kind=JobKind(kind.decode()),
+            model=model,
+            priority=int(prio),
+            entry_id=entry.decode(),
+            request=request,
+            stream=stream == b"1",
+            gateway_id=gw.decode(),
+            attempt=int(attempt),
+        )
+
+    async def finish(
+        self,
+        job: ClaimedJob,
+        consumer: str,
+        state: JobState,
+        *,
+        result: bytes = b"",
+        error: str = "",
+        status: int = 0,
+        message: bytes = b"",
+    ) -> bool:
+        """Settle an attempt; False when the job had moved on (then nothing was published)."""
+        settled = await self.scripts.finish(
+            keys=[keys.job(job.job_id), job.stream_key, keys.STATS],
+            args=[
+                keys.GROUP,
+                consumer,
+                job.entry_id,
+                state.value,
+                repr(time.time()),
+                self.job_ttl,
+                result,
+                error,
+                status,
+                keys.reply_channel(""),
+                message,
+                self.result_ttl,
+            ],
+        )
+        return bool(settled)
+
+    async def requeue(
+        self,
+        job_id: str,
+        model: str,
+        priority: int,
+        entry_id: str,
+        consumer: str,
+        reason: str,
+        *,
+        max_attempts: int = 0,
+    ) -> int:
+        """Put a job a node holds back in its queue (attempts stay counted).
+
+        Returns 1 when requeued, 2 when it was failed instead (its client already had
+        part of a streamed answer, or ``max_attempts`` were used), 0 when it had moved on.
+        """
+        done = await self.scripts.requeue(
+            keys=[
+                keys.job(job_id),
+                keys.stream(model, priority),
+                keys.stream(model, priority),
+                keys.queued_count(model),
+                keys.doorbell(model),
+                keys.STATS,
+            ],
+            args=[
+                keys.GROUP,
+                entry_id,
+                consumer,
+                repr(time.time()),
+                reason,
+                DOORBELL_CAP,
+                max_attempts,
+                keys.reply_channel(""),
+                self.job_ttl,
+                self.result_ttl,
+            ],
+        )
+        return int(done)
+
+    async def cancel(self, job_id: str, reason: str = "cancelled") -> JobState | None:
+        """Cancel a queued or running job; returns the state it was in (None: no such job)."""
+        message = protocol.encode_error(job_id, 0, reason, 499)
+        prior = await self.scripts.cancel(
+            keys=[keys.job(job_id), keys.STATS],
+            args=[
+                job_id,
+                repr(time.time()),
+                self.job_ttl,
+                reason,
+                keys.cancel_channel(""),
+                keys.reply_channel(""),
+                message,
+                self.result_ttl,
+            ],
+        )
+        return JobState(prior.decode()) if prior else None
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job record in API form (None when unknown or expired)."""
+        raw = await self.redis.hgetall(keys.job(job_id))
+        if not raw:
+            return None
+        return record_view({_text(k): _bytes(v) for k, v in raw.items()})
+
+
+def record_view(rec: dict[str, bytes]) -> dict[str, Any]:
+    """Decode a job hash into what ``GET /jobs/{id}`` shows."""
+
+    def num(name: str) -> float | None:
+        value = rec.get(name)
+        return float(value) if value not in (None, b"", b"0.0") else None
+
+    view: dict[str, Any] = {
+        "id": rec.get("id", b"").decode(),
+        "state": rec.get("state", b"").decode(),
+        "kind": rec.get("kind", b"").decode(),
+        "model": rec.get("model", b"").decode(),
+        "priority": int(rec.get("prio", b"5")),
+        "attempts": int(rec.get("attempts", b"0")),
+        "node": rec["node"].decode() if "node" in rec else None,
+        "created_at": num("created"),
+        "started_at": num("started"),
+        "finished_at": num("finished"),
+        "deadline": num("deadline"),
+    }
+    if "result" in rec:
+        view["result"] = orjson.loads(rec["result"])
+    if "error" in rec:
+        view["error"] = rec["error"].decode()
+        view["status"] = int(rec.get("status", b"500"))
+    return view
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value

@@ -1,0 +1,118 @@
+"""The Redis key schema and the job-state vocabulary: the one place names live.
+
+Every process imports its key names from here, and the README documents the same
+schema for ``redis-cli`` users. Queue keys carry a Redis Cluster hash tag on the
+model (``{llama3:latest}``) so that one Lua script can touch all of a model's
+priority streams, its queued counter and its doorbell.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+PREFIX = "corral"
+GROUP = "corral"
+"""The one consumer group on every priority stream."""
+
+PRIORITIES = range(10)
+"""0 is the most urgent, 9 the least; 5 is the default."""
+
+DEFAULT_PRIORITY = 5
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    DEAD = "dead"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.DEAD}
+)
+
+
+class JobKind(StrEnum):
+    """What the worker asks its Ollama for; the gateway maps both API dialects onto these."""
+
+    GENERATE = "generate"
+    CHAT = "chat"
+    EMBED = "embed"
+    EMBEDDINGS = "embeddings"
+
+    @property
+    def path(self) -> str:
+        return f"/api/{self.value}"
+
+    @property
+    def streams(self) -> bool:
+        return self in (JobKind.GENERATE, JobKind.CHAT)
+
+
+def stream(model: str, priority: int) -> str:
+    """One stream per (model, priority); entries hold only the job id."""
+    return f"{PREFIX}:q:{{{model}}}:p{priority}"
+
+
+def streams(model: str) -> list[str]:
+    return [stream(model, p) for p in PRIORITIES]
+
+
+def queued_count(model: str) -> str:
+    """Jobs of this model enqueued and not yet claimed (drives the queue-full 503)."""
+    return f"{PREFIX}:q:{{{model}}}:n"
+
+
+def doorbell(model: str) -> str:
+    """A list a worker BLPOPs on; the enqueue script pushes one token per job."""
+    return f"{PREFIX}:bell:{{{model}}}"
+
+
+def job(job_id: str) -> str:
+    """The job record (a hash): request payload, state, timestamps, result, history."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def reply_channel(gateway_id: str) -> str:
+    """Pub/sub channel of one gateway process; messages are demultiplexed by job id."""
+    return f"{PREFIX}:reply:{gateway_id}"
+
+
+def cancel_channel(node_id: str) -> str:
+    """Pub/sub channel a worker listens on for cancellations of jobs it runs."""
+    return f"{PREFIX}:cancel:{node_id}"
+
+
+NODES = f"{PREFIX}:nodes"
+"""Sorted set: node id -> unix time of its last heartbeat."""
+
+
+def node(node_id: str) -> str:
+    """JSON heartbeat record of one worker node, with a TTL of a few heartbeats."""
+    return f"{PREFIX}:node:{node_id}"
+
+
+def model_info(model: str) -> str:
+    """Cached ``/api/show`` answer for a model, written by workers that serve it."""
+    return f"{PREFIX}:show:{{{model}}}"
+
+
+STATS = f"{PREFIX}:stats"
+"""Hash of fleet-wide counters (enqueued, completed, failed, cancelled ...)."""
+
+MODELS = f"{PREFIX}:models"
+"""Set of every model a job was ever queued for: where the scheduler looks for streams."""
+
+SCHEDULER_LEASE = f"{PREFIX}:scheduler:lease"
+"""String: the id of the active scheduler, with a short TTL it keeps renewing."""
+
+GATEWAYS = f"{PREFIX}:gateways"
+"""Sorted set: gateway id -> unix time of its last heartbeat (for orphan detection)."""

@@ -1,0 +1,42 @@
+-- Claim at most one job of one model, most urgent priority first, and mark it running.
+-- Non-blocking on purpose: a multi-stream XREADGROUP would hand out COUNT entries per stream
+-- and ignore BLOCK, so workers wait on the doorbell and then call this.
+-- KEYS: 1..10 streams p0..p9, 11 queued counter, 12 doorbell, 13 stats
+-- ARGV: 1 group, 2 consumer (node id), 3 now (unix seconds), 4 job key prefix,
+--       5 reply channel prefix, 6 record ttl (s) for a job that expired in the queue
+-- Returns {priority, entry id, job id, kind, request, stream flag, gateway id, attempts}
+-- or false when nothing is waiting (the doorbell is cleared then, so stale rings stop).
+local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
+for i = 1, 10 do
+  while true do
+    local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[i], '>')
+    if type(r) ~= 'table' or r.err or r[1] == nil then
+      break
+    end
+    local entry = r[1][2][1]
+    local eid, jid = entry[1], entry[2][2]
+    redis.call('DECR', KEYS[11])
+    local jk = ARGV[4] .. jid
+    local rec = redis.call('HMGET', jk, 'state', 'kind', 'req', 'stream', 'gw', 'deadline')
+    local state, deadline = rec[1], tonumber(rec[6])
+    if state == 'queued' and deadline and deadline > 0 and deadline < tonumber(now) then
+      -- Expired while waiting: never start it, and tell the waiting client why.
+      redis.call('HSET', jk, 'state', 'expired', 'finished', now,
+        'error', 'job expired before a node could start it', 'status', '408')
+      redis.call('EXPIRE', jk, tonumber(ARGV[6]))
+      redis.call('HINCRBY', KEYS[13], 'expired', 1)
+      redis.call('PUBLISH', ARGV[5] .. rec[5], jid ..
+        ' 0 E {"error":"job expired before a node could start it","status":408}')
+      state = 'expired'
+    end
+    if state == 'queued' then
+      local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
+      redis.call('HSET', jk, 'state', 'running', 'node', consumer, 'started', now, 'entry', eid)
+      return {i - 1, eid, jid, rec[2], rec[3], rec[4], rec[5], attempts}
+    end
+    -- Cancelled, expired or vanished while queued: nothing to run, so settle the entry.
+    redis.call('XACK', KEYS[i], group, eid)
+  end
+end
+redis.call('DEL', KEYS[12])
+return false

@@ -1,0 +1,58 @@
+"""Reply messages from workers to the gateway that owns a job.
+
+A message is ``b"<job id> <seq> <type> <payload>"`` on the gateway's reply channel:
+
+* ``C`` a chunk: one Ollama NDJSON object (no newline), forwarded untouched;
+* ``D`` done: the final object (the last chunk, or the whole answer for a
+  non-streaming request), after which the job has no more output;
+* ``E`` error: ``{"error": message, "status": http status}``; also final.
+
+``seq`` counts the job's messages from 0 so the gateway can drop duplicates and see
+gaps. The header is plain ASCII so the payload is never parsed on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import orjson
+
+CHUNK: Final = b"C"
+DONE: Final = b"D"
+ERROR: Final = b"E"
+
+
+@dataclass(slots=True, frozen=True)
+class Reply:
+    job_id: str
+    seq: int
+    type: bytes
+    payload: bytes
+
+    @property
+    def final(self) -> bool:
+        return self.type != CHUNK
+
+
+def encode(job_id: str, seq: int, type_: bytes, payload: bytes) -> bytes:
+    return b"%s %d %s %s" % (job_id.encode(), seq, type_, payload)
+
+
+def encode_error(job_id: str, seq: int, message: str, status: int) -> bytes:
+    return encode(job_id, seq, ERROR, error_payload(message, status))
+
+
+def error_payload(message: str, status: int) -> bytes:
+    return orjson.dumps({"error": message, "status": status})
+
+
+def decode(data: bytes) -> Reply:
+    job_id, seq, type_, payload = data.split(b" ", 3)
+    return Reply(job_id.decode(), int(seq), type_, payload)
+
+
+def parse_error(payload: bytes) -> tuple[str, int]:
+    """The message and HTTP status of an ``E`` payload."""
+    obj = orjson.loads(payload)
+    return str(obj.get("error", "unknown error")), int(obj.get("status", 500))

@@ -1,0 +1,30 @@
+"""The Lua scripts, loaded once per Redis client and called by name.
+
+Each script is one atomic job-state transition; see the ``.lua`` files for their
+KEYS and ARGV.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+
+def _source(name: str) -> str:
+    return resources.files("corral").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Scripts:
+    """Registered scripts for one client; redis-py falls back from EVALSHA to EVAL itself."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.enqueue: AsyncScript = redis.register_script(_source("enqueue"))
+        self.claim: AsyncScript = redis.register_script(_source("claim"))
+        self.finish: AsyncScript = redis.register_script(_source("finish"))
+        self.cancel: AsyncScript = redis.register_script(_source("cancel"))
+        self.requeue: AsyncScript = redis.register_script(_source("requeue"))
+
+
+__all__ = ["Scripts"]

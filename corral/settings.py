@@ -1,0 +1,165 @@
+"""Typed settings, one object per process, built at the entry point and passed down.
+
+Every field is an environment variable with the ``CORRAL_`` prefix and a command-line
+flag of the same name (``redis_url`` is ``CORRAL_REDIS_URL`` and ``--redis-url``).
+Flags win over the environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from typing import Any, Self
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from corral.errors import ConfigError
+
+_PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "example"}
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis to meet in")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    node_ttl: float = Field(
+        6.0, gt=0, description="seconds without a heartbeat before a node counts as dead"
+    )
+    job_ttl: int = Field(
+        3600, gt=0, description="seconds the record and result of a wait=false job is kept"
+    )
+    result_ttl: int = Field(
+        60, gt=0, description="seconds the record of a job whose client waited for it is kept"
+    )
+    redis_pool_size: int = Field(
+        48, ge=2, description="Redis connections per process (a blocking pool)"
+    )
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, with the env variable and default in its help."""
+        for name, field in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_ = (
+                f"{field.description or ''} (env CORRAL_{name.upper()}, default {field.default!r})"
+            )
+            kind = _flag_type(field.annotation)
+            if kind is bool:
+                parser.add_argument(
+                    flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_
+                )
+            else:
+                parser.add_argument(flag, dest=name, default=None, type=kind, help=help_)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Self:
+        given = {k: v for k, v in vars(ns).items() if k in cls.model_fields and v is not None}
+        try:
+            return cls(**given)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def _flag_type(annotation: Any) -> Any:
+    if annotation in (int, float, bool):
+        return annotation
+    return str
+
+
+class GatewaySettings(CommonSettings):
+    host: str = Field("127.0.0.1", description="address the gateway listens on")
+    port: int = Field(
+        11434, ge=0, le=65535, description="port (Ollama's, so clients need no change)"
+    )
+    gateway_id: str = Field(
+        "", description="unique id of this gateway process (default: host-pid-random)"
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="largest request body accepted (413 beyond)"
+    )
+    max_queue: int = Field(10_000, gt=0, description="queued jobs per model before 503")
+    default_priority: int = Field(5, ge=0, le=9, description="priority when a request names none")
+    request_timeout: float = Field(
+        600.0, gt=0, description="seconds a client waits for its job before a 504"
+    )
+    api_keys: str = Field(
+        "",
+        description="comma-separated bearer keys, each optionally KEY:PRIORITY; empty = no auth",
+    )
+    fleet_refresh: float = Field(
+        1.0, gt=0, description="seconds between reads of the node registry"
+    )
+    workers: int = Field(1, ge=1, description="gateway processes (uvicorn workers)")
+
+    def resolved_gateway_id(self) -> str:
+        return self.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_placeholder_keys(cls, value: str) -> str:
+        for key in parse_api_keys(value):
+            if key.lower() in _PLACEHOLDER_KEYS:
+                raise ValueError(f"refusing placeholder API key {key!r}")
+        return value
+
+    def key_priorities(self) -> dict[str, int | None]:
+        return parse_api_keys(self.api_keys)
+
+
+def parse_api_keys(spec: str) -> dict[str, int | None]:
+    """``"k1,k2:0"`` -> ``{"k1": None, "k2": 0}`` (a key's own default priority)."""
+    keys: dict[str, int | None] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, prio = item.partition(":")
+        if not sep:
+            keys[key] = None
+            continue
+        if not prio.isdigit() or not 0 <= int(prio) <= 9:
+            raise ValueError(f"API key priority must be 0-9, got {prio!r}")
+        keys[key] = int(prio)
+    return keys
+
+
+class WorkerSettings(CommonSettings):
+    ollama_url: str = Field("http://127.0.0.1:11434", description="the node's own Ollama")
+    node_id: str = Field("", description="unique node name (default: the host name)")
+    num_parallel: int = Field(
+        0,
+        ge=0,
+        validation_alias=AliasChoices("CORRAL_NUM_PARALLEL", "OLLAMA_NUM_PARALLEL", "num_parallel"),
+        description="slots: jobs run at once (default: OLLAMA_NUM_PARALLEL, else 1)",
+    )
+    models: str = Field("", description="comma-separated models to serve (default: all it has)")
+    heartbeat_interval: float = Field(2.0, gt=0, description="seconds between heartbeats")
+    models_refresh: float = Field(10.0, gt=0, description="seconds between /api/tags re-reads")
+    bell_timeout: float = Field(
+        1.0, gt=0, description="longest wait on the doorbell before looking at the queues anyway"
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect to Ollama")
+    read_timeout: float = Field(
+        600.0, gt=0, description="seconds Ollama may stay silent (cold model loads are slow)"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds to let running jobs finish before handing back"
+    )
+
+    def resolved_node_id(self) -> str:
+        return self.node_id or socket.gethostname()
+
+    def resolved_slots(self) -> int:
+        return self.num_parallel or 1
+
+    def model_filter(self) -> set[str]:
+        return {m.strip() for m in self.models.split(",") if m.strip()}
+
+
+class SchedulerSettings(CommonSettings):
+    interval: float = Field(1.0, gt=0, description="seconds between maintenance passes")
+    lease_ttl: float = Field(5.0, gt=0, description="seconds the active scheduler's lease lasts")
+    max_attempts: int = Field(
+        3, ge=1, description="attempts a job gets before it is failed for good (poison jobs)"
+    )

@@ -1,0 +1,156 @@
+"""A whole Corral fleet inside one event loop: fake Ollama nodes, workers and a gateway.
+
+Tests and benchmarks use it to exercise the real code over real sockets and a real
+Redis without spawning processes. (Crash tests, which need SIGKILL, start processes.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from corral import connections
+from corral.netutil import listen_socket
+from corral.settings import GatewaySettings, WorkerSettings
+from corral.testing.fake_ollama import FakeOllamaConfig, FakeOllamaServer, start_fake_ollama
+
+
+@dataclass
+class LocalNode:
+    node_id: str
+    fake: FakeOllamaServer
+    worker: Any  # worker.daemon.Worker; typed loosely so corral/ never imports worker/
+    task: asyncio.Task[None]
+    clients: list[Any] = field(default_factory=list)
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Stop the worker (drain, hand back) and then its fake Ollama."""
+        if graceful:
+            self.worker.request_stop()
+        else:
+            self.task.cancel()
+        await asyncio.wait([self.task])
+        for client in self.clients:
+            await client.aclose()
+        await self.fake.stop()
+
+
+class LocalGateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        from gateway.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.sock = listen_socket("127.0.0.1", 0)
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="on", backlog=4096
+        )
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started:
+            if self.task.done():
+                await self.task  # surfaces the start-up error
+            await asyncio.sleep(0.01)  # uvicorn offers no start event to wait on
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait([self.task])
+        self.sock.close()
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.corral
+
+
+class LocalCluster:
+    """Start with ``await LocalCluster.start(redis_url, ...)``; stop with ``await c.stop()``."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.nodes: list[LocalNode] = []
+        self.gateway: LocalGateway | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        redis_url: str,
+        nodes: list[FakeOllamaConfig] | None = None,
+        *,
+        slots: int | None = None,
+        gateway: dict[str, Any] | None = None,
+        worker: dict[str, Any] | None = None,
+    ) -> LocalCluster:
+        cluster = cls(redis_url)
+        try:
+            for config in nodes if nodes is not None else [FakeOllamaConfig()]:
+                await cluster.add_node(config, slots=slots, **(worker or {}))
+            await cluster.start_gateway(**(gateway or {}))
+        except BaseException:
+            await cluster.stop()
+            raise
+        return cluster
+
+    @property
+    def url(self) -> str:
+        assert self.gateway is not None
+        return self.gateway.url
+
+    async def start_gateway(self, **overrides: Any) -> LocalGateway:
+        settings = GatewaySettings(redis_url=self.redis_url, port=0, **overrides)
+        self.gateway = LocalGateway(settings)
+        await self.gateway.start()
+        return self.gateway
+
+    async def add_node(
+        self, config: FakeOllamaConfig, *, slots: int | None = None, **overrides: Any
+    ) -> LocalNode:
+        from worker.daemon import Worker
+        from worker.ollama import OllamaClient
+
+        fake = await start_fake_ollama(config)
+        node_id = overrides.pop("node_id", f"node{len(self.nodes) + 1}")
+        settings = WorkerSettings(
+            redis_url=self.redis_url,
+            ollama_url=fake.url,
+            node_id=node_id,
+            num_parallel=slots or config.num_parallel,
+            **{"heartbeat_interval": 0.5, "drain_timeout": 5.0, **overrides},
+        )
+        redis = connections.pooled(self.redis_url, 16)
+        bell = connections.blocking(self.redis_url, settings.bell_timeout)
+        pubsub = connections.blocking(self.redis_url, None)
+        ollama = OllamaClient(
+            fake.url,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            slots=settings.resolved_slots(),
+        )
+        instance = Worker(settings, redis=redis, bell=bell, pubsub=pubsub, ollama=ollama)
+        task = asyncio.create_task(instance.run(), name=f"worker-{node_id}")
+        ready = asyncio.create_task(instance.ready.wait())
+        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            await task  # surfaces the start-up error
+        node = LocalNode(node_id, fake, instance, task, [ollama, bell, pubsub, redis])
+        self.nodes.append(node)
+        return node
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                await node.stop()
+        self.nodes.clear()

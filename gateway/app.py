@@ -1,0 +1,83 @@
+"""The gateway's ASGI app: routes, error shapes and the lifespan that owns connections."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from corral import connections
+from corral.errors import QueueFull, RequestError
+from corral.jobs import JobStore
+from corral.settings import GatewaySettings
+from gateway.dialect import openai_error
+from gateway.fleetview import FleetView
+from gateway.replies import ReplyRouter
+from gateway.routes import jobs, ollama, openai
+from gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+
+
+def error_response(path: str, message: str, status: int) -> Response:
+    body = (
+        openai_error(message, status)
+        if path.startswith("/v1/")
+        else orjson.dumps({"error": message})
+    )
+    return Response(body, status_code=status, media_type="application/json; charset=utf-8")
+
+
+async def _request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    path = request.url.path
+    status = exc.status
+    if isinstance(exc, QueueFull) and path.startswith("/v1/"):
+        status = 429  # what OpenAI clients back off on (Ollama's own paths answer 503)
+    response = error_response(path, exc.message, status)
+    if isinstance(exc, QueueFull):
+        response.headers["retry-after"] = "1"
+    return response
+
+
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    log.error("Redis failed during %s: %s", request.url.path, exc)
+    return error_response(request.url.path, "the job queue is unavailable, try again", 503)
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    gateway_id = settings.resolved_gateway_id()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = connections.pooled(settings.redis_url, settings.redis_pool_size)
+        pubsub = connections.blocking(settings.redis_url, None)
+        await connections.ping(redis)
+        router = ReplyRouter(pubsub, redis, gateway_id)
+        view = FleetView(
+            redis, gateway_id, node_ttl=settings.node_ttl, interval=settings.fleet_refresh
+        )
+        store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
+        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view)
+        await router.start()
+        await view.start()
+        log.info("gateway %s ready", gateway_id)
+        try:
+            yield
+        finally:
+            await view.stop()
+            await router.stop()
+            await pubsub.aclose()
+            await redis.aclose()
+
+    return Starlette(
+        routes=[*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES],
+        lifespan=lifespan,
+        exception_handlers={RequestError: _request_error, RedisError: _redis_error},
+    )

@@ -1,0 +1,101 @@
+"""Reading and checking what clients send: body size, JSON, auth, priority, timeout.
+
+Every refusal is a ``RequestError`` subclass with Ollama's wording where Ollama has one;
+the app turns it into ``{"error": ...}`` (or the OpenAI shape) with its status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from corral.errors import BadRequest, PayloadTooLarge, Unauthorized
+from corral.names import normalize_model
+from corral.settings import GatewaySettings
+
+PRIORITY_HEADER = "x-corral-priority"
+TIMEOUT_HEADER = "x-corral-timeout"
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, refusing more than ``limit`` bytes before reading them."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length header")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body too large: {declared} bytes (limit {limit})")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise BadRequest("missing request body")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from exc
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def api_key_priority(request: Request, settings: GatewaySettings) -> int | None:
+    """Check the bearer key when keys are configured; returns the key's own priority."""
+    allowed = settings.key_priorities()
+    if not allowed:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or token.strip() not in allowed:
+        raise Unauthorized("unauthorized: a valid API key is required (Authorization: Bearer ...)")
+    return allowed[token.strip()]
+
+
+def priority(request: Request, default: int) -> int:
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    if not raw.isdigit() or not 0 <= int(raw) <= 9:
+        raise BadRequest(f"invalid X-Corral-Priority {raw!r}: must be an integer from 0 to 9")
+    return int(raw)
+
+
+def timeout(request: Request, default: float) -> float:
+    """Seconds this request may wait for its answer (the X-Corral-Timeout header)."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86_400:
+        raise BadRequest(f"invalid X-Corral-Timeout {raw!r}: must be seconds, above 0")
+    return min(value, default)
+
+
+def model_name(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None or model == "":
+        raise BadRequest("model is required")
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string")
+    return normalize_model(model)
+
+
+def expect(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: str) -> None:
+    """Refuse a field present with the wrong JSON type (absent or null is fine)."""
+    value = body.get(field)
+    if value is None:
+        return
+    # bool is an int in Python but not in JSON: only accept it where bool is asked for.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise BadRequest(f"invalid {field!r}: expected {what}")

@@ -1,0 +1,57 @@
+"""``corral gateway``: serve the Ollama/OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from corral import logs
+from corral.netutil import listen_socket
+from corral.settings import GatewaySettings
+from gateway.app import create_app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral gateway", description=__doc__)
+    GatewaySettings.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = GatewaySettings.from_args(build_parser().parse_args(argv))
+    logs.configure(settings.log_level, "gateway")
+    # Our own socket, so accepted connections get TCP_NODELAY (see corral.netutil).
+    sock = listen_socket(settings.host, settings.port)
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+        "backlog": 4096,
+    }
+    if settings.workers == 1:
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+        server.run(sockets=[sock])
+        return 0
+    # Worker processes rebuild the settings from the environment: hand flags down as env.
+    for name, value in settings.model_dump().items():
+        if name != "gateway_id":
+            os.environ[f"CORRAL_{name.upper()}"] = str(value)
+    config = uvicorn.Config(
+        "gateway.main:app_from_env", factory=True, workers=settings.workers, **options
+    )
+    Multiprocess(config, sockets=[sock]).run()
+    return 0
+
+
+def app_from_env() -> object:
+    settings = GatewaySettings()
+    logs.configure(settings.log_level, "gateway")
+    return create_app(settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

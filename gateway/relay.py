@@ -1,0 +1,182 @@
+"""The job path at the edge: enqueue a job, then answer its client from the replies.
+
+``JobResponse`` is an ASGI response that owns one job from enqueue to answer. It waits
+for the first reply before it sends a status line, so an error the node reports before
+any output (unknown model, bad options) keeps its HTTP status, as with Ollama. It watches
+the client the whole time: a client that leaves cancels its job, queued or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import RedisError
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from corral import protocol
+from corral.jobs import JobSpec, JobStore
+from corral.protocol import Reply
+from gateway.dialect import Dialect
+from gateway.replies import DISCONNECTED, ReplyRouter
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+class JobTimeout(Exception):
+    """No reply arrived within the request's time limit."""
+
+
+class JobResponse(Response):
+    """Runs one job for one HTTP request. Create it with ``await JobResponse.submit(...)``."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        store: JobStore,
+        router: ReplyRouter,
+        dialect: Dialect,
+        queue: asyncio.Queue[Reply],
+        timeout: float,
+    ) -> None:
+        # Not Response.__init__: this response has no body up front, only a job to relay.
+        self.spec = spec
+        self.store = store
+        self.router = router
+        self.dialect = dialect
+        self.queue = queue
+        self.timeout = timeout
+        self.extra_headers: list[tuple[bytes, bytes]] = [(b"x-corral-job-id", spec.job_id.encode())]
+        self._settled = False
+
+    @classmethod
+    async def submit(
+        cls,
+        spec: JobSpec,
+        store: JobStore,
+        router: ReplyRouter,
+        dialect: Dialect,
+        *,
+        max_queue: int,
+        wait_limit: float,
+    ) -> JobResponse:
+        """Enqueue the job, listening for its replies first so none can be missed."""
+        queue = router.register(spec.job_id)
+        try:
+            await store.enqueue(spec, max_queue=max_queue)
+        except BaseException:
+            router.unregister(spec.job_id)
+            raise
+        return cls(spec, store, router, dialect, queue, wait_limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(self._watch_client(receive))
+        try:
+            await self._answer(send)
+        except OSError:  # the client's socket went away while we wrote
+            pass
+        finally:
+            watcher.cancel()
+            self.router.unregister(self.spec.job_id)
+            if not self._settled:
+                # Shielded: the request task may itself be cancelled (server shutdown).
+                await asyncio.shield(self._cancel("client disconnected"))
+
+    async def _answer(self, send: Send) -> None:
+        try:
+            first = await self._next()
+        except JobTimeout:
+            await self._cancel(f"no node answered within {self.timeout:g}s")
+            await self._send_error(
+                send, f"timed out after {self.timeout:g}s waiting for a node", 504
+            )
+            return
+        if first is DISCONNECTED:
+            return
+        if first.type == protocol.ERROR:
+            self._settled = True
+            message, status = protocol.parse_error(first.payload)
+            await self._send_error(send, message, status)
+            return
+        if not self.spec.stream:
+            self._settled = first.final
+            body = self.dialect.single(first.payload)
+            await _start(send, 200, JSON_TYPE, self.extra_headers, len(body))
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self._stream(send, first)
+
+    async def _stream(self, send: Send, reply: Reply) -> None:
+        media = self.dialect.stream_media_type.encode()
+        await _start(send, 200, media, self.extra_headers, None)
+        seq = -1
+        while True:
+            if reply is DISCONNECTED:
+                return
+            if reply.seq > seq or reply.final:
+                seq = reply.seq
+                if reply.type == protocol.CHUNK:
+                    body = self.dialect.chunk(reply.payload)
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                else:
+                    self._settled = True
+                    if reply.type == protocol.DONE:
+                        body = self.dialect.last(reply.payload)
+                    else:
+                        body = self.dialect.stream_error(*protocol.parse_error(reply.payload))
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            try:
+                reply = await self._next()
+            except JobTimeout:
+                await self._cancel(f"no output for {self.timeout:g}s")
+                body = self.dialect.stream_error(f"no output for {self.timeout:g}s", 504)
+                self._settled = True
+                await send({"type": "http.response.body", "body": body})
+                return
+
+    async def _next(self) -> Reply:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.queue.get()
+        except TimeoutError as exc:
+            raise JobTimeout from exc
+
+    async def _watch_client(self, receive: Receive) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                self.queue.put_nowait(DISCONNECTED)
+                return
+
+    async def _cancel(self, reason: str) -> None:
+        self._settled = True
+        try:
+            prior = await self.store.cancel(self.spec.job_id, reason)
+        except (RedisError, OSError) as exc:  # a failed cancel must not fail the response
+            log.warning("cancelling job %s failed: %s", self.spec.job_id, exc)
+            return
+        log.info("job %s cancelled (%s) while %s", self.spec.job_id, reason, prior)
+
+    async def _send_error(self, send: Send, message: str, status: int) -> None:
+        body = self.dialect.error_body(message, status)
+        await _start(send, status, JSON_TYPE, self.extra_headers, len(body))
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _start(
+    send: Send, status: int, media: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+) -> None:
+    raw = [(b"content-type", media), *headers]
+    if length is not None:
+        raw.append((b"content-length", str(length).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+
+
+def deadline_from(timeout: float | None) -> float:
+    return time.time() + timeout if timeout else 0.0

@@ -1,0 +1,100 @@
+"""One pub/sub subscription per gateway process, demultiplexed to the requests waiting.
+
+Workers publish a job's chunks and its final message on this gateway's reply channel;
+the router hands each to the queue registered for that job id. Pub/sub is
+at-most-once, so when the subscription drops the router re-subscribes and then settles,
+from the job records, every waiting job that finished meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+
+from corral import keys, protocol
+from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral.protocol import Reply
+
+log = logging.getLogger(__name__)
+
+DISCONNECTED = Reply("", -1, b"X", b"")
+"""Put in a job's queue when its client goes away."""
+
+
+class ReplyRouter:
+    def __init__(self, pubsub_client: Redis, redis: Redis, gateway_id: str) -> None:
+        self.client = pubsub_client
+        self.redis = redis
+        self.gateway_id = gateway_id
+        self.channel = keys.reply_channel(gateway_id)
+        self.waiters: dict[str, asyncio.Queue[Reply]] = {}
+        self.subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self, job_id: str) -> asyncio.Queue[Reply]:
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self.waiters[job_id] = queue
+        return queue
+
+    def unregister(self, job_id: str) -> None:
+        self.waiters.pop(job_id, None)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reply-router")
+        await self.subscribed.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+
+    async def _run(self) -> None:
+        resubscribed = False
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                if resubscribed:
+                    await self._recover()
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self._dispatch(message["data"])
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("reply subscription lost (%s); resubscribing", exc)
+                resubscribed = True
+                await asyncio.sleep(0.2)  # back off before reconnecting
+            finally:
+                with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, data: bytes) -> None:
+        reply = protocol.decode(data)
+        queue = self.waiters.get(reply.job_id)
+        if queue is not None:
+            queue.put_nowait(reply)
+
+    async def _recover(self) -> None:
+        """Settle waiting jobs that finished while we were not listening."""
+        ids = list(self.waiters)
+        if not ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(keys.job(job_id), "state", "result", "error", "status")
+            records = await pipe.execute()
+        for job_id, (state, result, error, status) in zip(ids, records, strict=True):
+            queue = self.waiters.get(job_id)
+            if queue is None or state is None:
+                continue
+            if state == b"done" and result is not None:
+                queue.put_nowait(Reply(job_id, 1 << 30, protocol.DONE, result))
+            elif state in (b"failed", b"cancelled", b"expired", b"dead"):
+                payload = protocol.error_payload(
+                    (error or b"job ended").decode(), int(status or 500)
+                )
+                queue.put_nowait(Reply(job_id, 1 << 30, protocol.ERROR, payload))
+        log.info("reply router recovered %d waiting job(s) from their records", len(ids))

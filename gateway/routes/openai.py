@@ -1,0 +1,303 @@
+"""OpenAI's API, served from the fleet: chat completions, completions, embeddings, models.
+
+Each request is checked and translated into the Ollama request of a ``chat``,
+``generate`` or ``embed`` job, as Ollama's compatibility layer translates it, and goes
+down the same job path as the Ollama routes; only the dialect that writes the answer
+differs (``gateway.openai_dialect``). Errors are answered in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from corral.errors import BadRequest, ModelNotFound
+from corral.keys import JobKind
+from corral.names import normalize_model
+from gateway import inputs
+from gateway.dialect import Dialect
+from gateway.openai_dialect import (
+    ChatDialect,
+    CompletionDialect,
+    EmbeddingDialect,
+    Json,
+    model_object,
+    ollama_tool_calls,
+    tool_name_for,
+)
+from gateway.state import state_of
+from gateway.submit import Incoming, make_spec, read_request, relay
+
+JSON = "application/json; charset=utf-8"
+_IMAGE_URL = re.compile(r"data:(?:image/(?:jpeg|jpg|png|webp))?;base64,(.*)", re.DOTALL)
+_EFFORTS = ("high", "medium", "low", "none")
+_NUMBER_OPTIONS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+
+
+@dataclass(frozen=True, slots=True)
+class Translated:
+    """An OpenAI request as the Ollama request a worker runs, and how to answer it."""
+
+    body: Json
+    model: str
+    """The model as the client named it: what answers report, as with Ollama."""
+    stream: bool = False
+    include_usage: bool = False
+    encoding: str = "float"
+
+
+# --- routes ---
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _openai_job(request, JobKind.CHAT, chat_request)
+
+
+async def completions(request: Request) -> Response:
+    return await _openai_job(request, JobKind.GENERATE, completion_request)
+
+
+async def embeddings(request: Request) -> Response:
+    return await _openai_job(request, JobKind.EMBED, embedding_request)
+
+
+async def _openai_job(
+    request: Request, kind: JobKind, translate: Callable[[Json], Translated]
+) -> Response:
+    """Translate, then admit and relay exactly as an Ollama request (nothing queued on 4xx)."""
+    incoming = await read_request(request)
+    ask = translate(incoming.body)
+    ollama = Incoming(incoming.state, ask.body, incoming.key_priority)
+    spec = await make_spec(request, ollama, kind, stream=ask.stream)
+    return await relay(request, spec, _dialect(kind, ask, spec.job_id))
+
+
+def _dialect(kind: JobKind, ask: Translated, job_id: str) -> Dialect:
+    """The writer of this request's answer; completion ids carry the job id."""
+    if kind is JobKind.CHAT:
+        return ChatDialect(f"chatcmpl-{job_id}", ask.model, include_usage=ask.include_usage)
+    if kind is JobKind.GENERATE:
+        return CompletionDialect(f"cmpl-{job_id}", ask.model, include_usage=ask.include_usage)
+    return EmbeddingDialect(ask.model, encoding=ask.encoding)
+
+
+async def list_models(request: Request) -> Response:
+    state = state_of(request)
+    inputs.api_key_priority(request, state.settings)
+    models = state.fleet.current.models()
+    data = [model_object(name, models[name]) for name in sorted(models)]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
+
+
+async def retrieve_model(request: Request) -> Response:
+    state = state_of(request)
+    inputs.api_key_priority(request, state.settings)
+    name = str(request.path_params["model"])
+    model = normalize_model(name)
+    if not model or not await state.fleet.has_model(model):
+        raise ModelNotFound(name)
+    entry = state.fleet.current.models().get(model, {})
+    return Response(orjson.dumps(model_object(name, entry)), media_type=JSON)
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+]
+
+
+# --- requests: OpenAI in, Ollama out ---
+
+
+def chat_request(body: Json) -> Translated:
+    model, stream, include_usage = _common(body)
+    out: Json = {"model": model, "messages": _messages(body.get("messages"))}
+    out["options"] = _options(body)
+    if (fmt := _format(body.get("response_format"))) is not None:
+        out["format"] = fmt
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise BadRequest("invalid 'tools': expected an array of tool objects")
+        out["tools"] = tools
+    if (think := _think(body)) is not None:
+        out["think"] = think
+    return Translated(out, model, stream, include_usage)
+
+
+def completion_request(body: Json) -> Translated:
+    model, stream, include_usage = _common(body)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise BadRequest("invalid 'prompt': expected a string")
+    out: Json = {"model": model, "prompt": prompt, "options": _options(body)}
+    inputs.expect(body, "suffix", (str,), "a string")
+    if body.get("suffix") is not None:
+        out["suffix"] = body["suffix"]
+    return Translated(out, model, stream, include_usage)
+
+
+def embedding_request(body: Json) -> Translated:
+    model = _model(body)
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts:
+        raise BadRequest("invalid 'input': expected a string or a non-empty array of strings")
+    if not all(isinstance(text, str) for text in texts):
+        raise BadRequest("invalid 'input': only strings are supported, not token arrays")
+    encoding = body.get("encoding_format") or "float"
+    if not isinstance(encoding, str) or encoding.lower() not in ("float", "base64"):
+        raise BadRequest(
+            f"Invalid value for 'encoding_format' = {encoding}. "
+            "Supported values: ['float', 'base64']."
+        )
+    out: Json = {"model": model, "input": texts}
+    inputs.expect(body, "dimensions", (int,), "an integer")
+    if body.get("dimensions") is not None:
+        out["dimensions"] = body["dimensions"]
+    return Translated(out, model, encoding=encoding.lower())
+
+
+def _model(body: Json) -> str:
+    inputs.model_name(body)  # refuses a missing or non-string model
+    return str(body["model"])
+
+
+def _common(body: Json) -> tuple[str, bool, bool]:
+    """The model, whether to stream (OpenAI's default: no) and ``include_usage``."""
+    model = _model(body)
+    inputs.expect(body, "stream", (bool,), "a boolean")
+    inputs.expect(body, "stream_options", (dict,), "an object")
+    stream_options = body.get("stream_options") or {}
+    inputs.expect(stream_options, "include_usage", (bool,), "a boolean")
+    return model, body.get("stream") is True, stream_options.get("include_usage") is True
+
+
+def _options(body: Json) -> Json:
+    """Sampling parameters as Ollama options (OpenAI's temperature and top_p default to 1)."""
+    options: Json = {"temperature": 1.0, "top_p": 1.0}
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        options["stop"] = [stop]
+    elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        options["stop"] = stop
+    elif stop is not None:
+        raise BadRequest("invalid 'stop': expected a string or an array of strings")
+    for field in ("max_tokens", "max_completion_tokens", "seed"):
+        inputs.expect(body, field, (int,), "an integer")
+    limit = body.get("max_completion_tokens")
+    limit = body.get("max_tokens") if limit is None else limit
+    if limit is not None:
+        options["num_predict"] = limit
+    if body.get("seed") is not None:
+        options["seed"] = body["seed"]
+    for field in _NUMBER_OPTIONS:
+        inputs.expect(body, field, (int, float), "a number")
+        if body.get(field) is not None:
+            options[field] = body[field]
+    return options
+
+
+def _format(value: Any) -> str | Json | None:
+    """``response_format`` as Ollama's ``format``: ``"json"`` or a JSON schema."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = value.get("json_schema")
+        schema = schema.get("schema") if isinstance(schema, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("invalid 'response_format': json_schema.schema must be an object")
+        return schema
+    if kind == "text":
+        return None
+    raise BadRequest("invalid 'response_format': type must be text, json_object or json_schema")
+
+
+def _think(body: Json) -> bool | str | None:
+    """``reasoning_effort`` (or ``reasoning.effort``) as Ollama's ``think``."""
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    effort = effort or body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in _EFFORTS:
+        raise BadRequest(
+            f"invalid reasoning value: {effort!r} (must be 'high', 'medium', 'low' or 'none')"
+        )
+    return False if effort == "none" else str(effort)
+
+
+def _messages(raw: Any) -> list[Json]:
+    if not isinstance(raw, list):
+        raise BadRequest("invalid 'messages': expected an array of messages")
+    if not raw:
+        raise BadRequest("[] is too short - 'messages'")
+    return [_message(index, item, raw) for index, item in enumerate(raw)]
+
+
+def _message(index: int, message: Any, chat: list[Any]) -> Json:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest(f"invalid message {index}: expected an object with a string 'role'")
+    out: Json = {"role": message["role"]}
+    content, calls = message.get("content"), message.get("tool_calls")
+    if isinstance(content, str):
+        out["content"] = content
+    elif isinstance(content, list):
+        out["content"], images = _parts(index, content)
+        if images:
+            out["images"] = images
+    elif content is None and calls:
+        out["content"] = ""  # content is optional only beside tool calls
+    else:
+        raise BadRequest(f"invalid message {index}: 'content' must be a string or an array")
+    if calls is not None:
+        out["tool_calls"] = ollama_tool_calls(index, calls)
+    if isinstance(message.get("reasoning"), str):
+        out["thinking"] = message["reasoning"]
+    if message["role"] == "tool":
+        name = message.get("name") or tool_name_for(chat, message.get("tool_call_id"))
+        if isinstance(name, str) and name:
+            out["tool_name"] = name
+    return out
+
+
+def _parts(index: int, parts: list[Any]) -> tuple[str, list[str]]:
+    """Text parts joined by newlines, and the base64 data of each image part."""
+    texts: list[str] = []
+    images: list[str] = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            images.append(_image(index, part.get("image_url")))
+        else:
+            raise BadRequest(f"invalid message {index}: unsupported content part {kind!r}")
+    return "\n".join(texts), images
+
+
+def _image(index: int, value: Any) -> str:
+    url = value.get("url") if isinstance(value, dict) else value
+    found = _IMAGE_URL.fullmatch(url) if isinstance(url, str) else None
+    if found is None:
+        raise BadRequest(f"invalid message {index}: images must be base64 data URIs")
+    try:
+        base64.b64decode(found.group(1), validate=True)
+    except binascii.Error as exc:
+        raise BadRequest(f"invalid message {index}: invalid base64 image data") from exc
+    return found.group(1)

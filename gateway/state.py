@@ -1,0 +1,28 @@
+"""What the gateway's routes share, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from starlette.requests import Request
+
+from corral.jobs import JobStore
+from corral.settings import GatewaySettings
+from gateway.fleetview import FleetView
+from gateway.replies import ReplyRouter
+
+
+@dataclass(slots=True)
+class GatewayState:
+    settings: GatewaySettings
+    gateway_id: str
+    redis: Redis
+    store: JobStore
+    router: ReplyRouter
+    fleet: FleetView
+
+
+def state_of(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.corral
+    return state

@@ -1,0 +1,99 @@
+"""Admission: turn a checked request into a job spec and hand it to the relay.
+
+Both API dialects and the native job API come through here, so priorities, limits,
+deadlines and model routing are decided in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from corral.errors import ModelNotFound
+from corral.jobs import JobSpec
+from corral.keys import JobKind
+from gateway import inputs
+from gateway.dialect import Dialect
+from gateway.relay import JobResponse
+from gateway.state import GatewayState, state_of
+from gateway.validation import CHECKS
+
+
+@dataclass(slots=True)
+class Incoming:
+    """An authenticated request body, with the caller's default priority."""
+
+    state: GatewayState
+    body: dict[str, Any]
+    key_priority: int | None
+
+
+async def read_request(request: Request) -> Incoming:
+    """Authenticate first (no body is read for a bad key), then read the JSON body."""
+    state = state_of(request)
+    key_priority = inputs.api_key_priority(request, state.settings)
+    body = await inputs.read_json(request, state.settings.max_body_bytes)
+    return Incoming(state, body, key_priority)
+
+
+async def make_spec(
+    request: Request,
+    incoming: Incoming,
+    kind: JobKind,
+    *,
+    stream: bool,
+    wait: bool = True,
+    priority: int | None = None,
+    time_limit: float | None = None,
+) -> JobSpec:
+    """Check the body for ``kind``, resolve the model and build the job (nothing enqueued)."""
+    state, body = incoming.state, incoming.body
+    settings = state.settings
+    model = inputs.model_name(body)
+    CHECKS[kind](body)
+    default = (
+        incoming.key_priority if incoming.key_priority is not None else settings.default_priority
+    )
+    prio = priority if priority is not None else inputs.priority(request, default)
+    limit = (
+        time_limit if time_limit is not None else _header_timeout(request, settings.request_timeout)
+    )
+    if not await state.fleet.has_model(model):
+        raise ModelNotFound(str(body["model"]))
+    body["model"] = model
+    if kind.streams:
+        body["stream"] = True  # workers always stream from Ollama; ``stream`` is the client's wish
+    return JobSpec(
+        kind=kind,
+        model=model,
+        request=orjson.dumps(body),
+        priority=prio,
+        gateway_id=state.gateway_id,
+        stream=stream,
+        wait=wait,
+        deadline=time.time() + limit if limit else 0.0,
+    )
+
+
+def _header_timeout(request: Request, ceiling: float) -> float | None:
+    if request.headers.get(inputs.TIMEOUT_HEADER) is None:
+        return None
+    return inputs.timeout(request, ceiling)
+
+
+async def relay(request: Request, spec: JobSpec, dialect: Dialect) -> JobResponse:
+    """Enqueue and return the response that answers the client from the job's replies."""
+    state = state_of(request)
+    wait = inputs.timeout(request, state.settings.request_timeout)
+    return await JobResponse.submit(
+        spec,
+        state.store,
+        state.router,
+        dialect,
+        max_queue=state.settings.max_queue,
+        wait_limit=wait,
+    )

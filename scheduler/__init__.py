@@ -1,0 +1,1 @@
+"""The maintenance daemon: takes back what dead nodes held and keeps Redis bounded."""

@@ -1,0 +1,50 @@
+"""Keep Redis bounded under continuous load.
+
+Stream entries are trimmed only once acknowledged: an entry still pending (claimed,
+not settled) is the only link from a dead node back to its job, so ``XTRIM MINID`` never
+passes the oldest pending entry. Finished job records expire on their own (``job_ttl``
+and ``result_ttl``); gateways that stopped heartbeating are dropped from the registry.
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from corral import keys
+
+
+async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
+    """Remove acknowledged entries from every priority stream; returns how many went."""
+    removed = 0
+    for model in models:
+        for priority in keys.PRIORITIES:
+            stream = keys.stream(model, priority)
+            try:
+                groups = await redis.xinfo_groups(stream)
+            except ResponseError:  # no such stream yet
+                continue
+            group = next((g for g in groups if _text(g["name"]) == keys.GROUP), None)
+            if group is None:
+                continue
+            floor = _text(group["last-delivered-id"])
+            if int(group["pending"]):
+                summary = await redis.xpending(stream, keys.GROUP)
+                floor = min(floor, _text(summary["min"]), key=_id_key)
+            removed += int(await redis.xtrim(stream, minid=floor))
+    return removed
+
+
+async def prune_gateways(redis: Redis, ttl: float) -> int:
+    return int(await redis.zremrangebyscore(keys.GATEWAYS, "-inf", time.time() - ttl))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

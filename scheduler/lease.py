@@ -1,0 +1,51 @@
+"""A lease in Redis so that, of several schedulers, exactly one is active.
+
+The holder renews before the TTL runs out; if it dies, another takes the lease once
+the TTL has passed. Renewal is compare-and-extend, so a scheduler that stalled past its
+TTL cannot renew a lease someone else now holds.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from corral import keys
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Lease:
+    def __init__(self, redis: Redis, holder: str, ttl: float) -> None:
+        self.redis = redis
+        self.holder = holder
+        self.ttl_ms = int(ttl * 1000)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self.held = False
+
+    async def acquire_or_renew(self) -> bool:
+        """True while this process holds the lease."""
+        if self.held and await self._renew(
+            keys=[keys.SCHEDULER_LEASE], args=[self.holder, self.ttl_ms]
+        ):
+            return True
+        got = await self.redis.set(keys.SCHEDULER_LEASE, self.holder, nx=True, px=self.ttl_ms)
+        self.held = bool(got)
+        return self.held
+
+    async def release(self) -> None:
+        if self.held:
+            await self._release(keys=[keys.SCHEDULER_LEASE], args=[self.holder])
+            self.held = False

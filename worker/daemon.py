@@ -1,0 +1,409 @@
+"""The worker engine: claim when a slot is free, run against Ollama, answer, heartbeat.
+
+Slots are a semaphore of ``OLLAMA_NUM_PARALLEL`` permits. The claim loop takes a permit
+*before* it claims, so the node never holds more claimed jobs than free slots; with a
+permit in hand it claims (non-blocking Lua, most urgent priority first) and, if nothing
+waits, blocks on the doorbells of its models. Shutdown is two-phase: stop claiming and
+let running jobs finish for ``drain_timeout``, then hand the rest back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from corral import fleet, keys, protocol
+from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral.errors import BackendError
+from corral.jobs import ClaimedJob, JobStore
+from corral.keys import JobState
+from corral.names import normalize_model
+from corral.settings import WorkerSettings
+from worker.aggregate import Aggregator
+from worker.metrics import HostMetrics, host_addresses
+from worker.ollama import OllamaClient
+
+log = logging.getLogger(__name__)
+
+FAIRNESS_EVERY = 8
+"""Every Nth claim looks at models that are not loaded first, so they cannot starve."""
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        redis: Redis,
+        bell: Redis,
+        pubsub: Redis,
+        ollama: OllamaClient,
+        metrics: HostMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.resolved_node_id()
+        self.slots_total = settings.resolved_slots()
+        self.redis = redis
+        self.bell = bell
+        self.pubsub = pubsub
+        self.ollama = ollama
+        self.metrics = metrics
+        self.store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
+        self.ready = asyncio.Event()
+        """Set once models are discovered and the first heartbeat is out."""
+        self._stop = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.slots_total)
+        self._running: dict[str, tuple[asyncio.Task[None], ClaimedJob]] = {}
+        self._cancel_requested: set[str] = set()
+        self._tags: list[dict[str, Any]] = []
+        self._loaded: list[dict[str, Any]] = []
+        self._models_changed = asyncio.Event()
+        self._ollama_ok = False
+        self._draining = False
+        self._claims = 0
+        self._started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def models(self) -> list[str]:
+        return [str(m["name"]) for m in self._tags]
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    async def run(self) -> None:
+        await self.refresh_models()
+        await self.heartbeat()
+        background = [
+            asyncio.create_task(self._every(self.settings.heartbeat_interval, self.heartbeat)),
+            asyncio.create_task(self._every(self.settings.models_refresh, self.refresh_models)),
+            asyncio.create_task(self._cancel_listener()),
+        ]
+        claim = asyncio.create_task(self._claim_loop(), name="claim-loop")
+        self.ready.set()
+        log.info(
+            "worker %s serving %s with %d slot(s) from %s",
+            self.node_id,
+            self.models,
+            self.slots_total,
+            self.settings.ollama_url,
+        )
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait([stop, claim], return_when=asyncio.FIRST_COMPLETED)
+            if claim.done() and not claim.cancelled() and claim.exception():
+                raise claim.exception()  # type: ignore[misc]
+        finally:
+            stop.cancel()
+            await self._shutdown(claim, background)
+
+    async def _shutdown(
+        self, claim: asyncio.Task[None], background: list[asyncio.Task[None]]
+    ) -> None:
+        self._draining = True
+        await _cancel_and_wait(claim)
+        log.info("worker %s draining %d running job(s)", self.node_id, self.busy)
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+            await self.heartbeat()
+        running = [task for task, _ in self._running.values()]
+        if running and self.settings.drain_timeout > 0:
+            await asyncio.wait(running, timeout=self.settings.drain_timeout)
+        leftover = [task for task, _ in self._running.values()]
+        if leftover:
+            log.warning("worker %s handing back %d job(s)", self.node_id, len(leftover))
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover)
+        for task in background:
+            await _cancel_and_wait(task)
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+            await fleet.remove_node(self.redis, self.node_id)
+        log.info("worker %s stopped", self.node_id)
+
+    async def _every(self, interval: float, action: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)  # a period, not synchronisation
+            try:
+                await action()
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("%s failed, will retry: %s", action.__name__, exc)
+
+    # -- discovery and heartbeat -----------------------------------------------------
+
+    async def refresh_models(self) -> None:
+        try:
+            tags = await self.ollama.get_json("/api/tags")
+            ps = await self.ollama.get_json("/api/ps")
+        except BackendError as exc:
+            if self._ollama_ok:
+                log.error("Ollama at %s unavailable: %s", self.settings.ollama_url, exc.message)
+            self._ollama_ok = False
+            return
+        wanted = {normalize_model(m) for m in self.settings.model_filter()}
+        entries = [
+            {**m, "name": normalize_model(str(m.get("name") or m.get("model")))}
+            for m in tags.get("models", [])
+        ]
+        entries = [m for m in entries if not wanted or m["name"] in wanted]
+        new = {m["name"] for m in entries} - set(self.models)
+        self._tags = entries
+        self._loaded = list(ps.get("models", []))
+        self._ollama_ok = True
+        if new:
+            log.info("worker %s now serves %s", self.node_id, sorted(new))
+            self._models_changed.set()
+            await self._publish_model_info(sorted(new))
+
+    async def _publish_model_info(self, models: list[str]) -> None:
+        """Cache ``/api/show`` per model so the gateway can answer it without a slot."""
+        for model in models:
+            try:
+                info = await self.ollama.post("/api/show", orjson.dumps({"model": model}))
+            except BackendError as exc:
+                log.warning("show %s failed: %s", model, exc.message)
+                continue
+            ttl = int(max(self.settings.models_refresh * 6, 60))
+            await self.redis.set(keys.model_info(model), info, ex=ttl)
+
+    async def heartbeat(self) -> None:
+        if self._ollama_ok:
+            with contextlib.suppress(BackendError):
+                self._loaded = list((await self.ollama.get_json("/api/ps")).get("models", []))
+        await fleet.publish_heartbeat(self.redis, self.record(), self.settings.node_ttl)
+        await self._reconcile_cancels()
+        if self._tags:  # keep the cached /api/show answers alive while we serve the model
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model in self.models:
+                    pipe.expire(
+                        keys.model_info(model), int(max(self.settings.models_refresh * 6, 60))
+                    )
+                await pipe.execute()
+
+    def record(self) -> fleet.NodeRecord:
+        state = "draining" if self._draining else "running" if self._ollama_ok else "ollama-down"
+        return {
+            "node_id": self.node_id,
+            "hosts": host_addresses(),
+            "ollama_url": self.settings.ollama_url,
+            "state": state,
+            "models": self._tags,
+            "loaded": self._loaded,
+            "slots_total": self.slots_total,
+            "slots_busy": self.busy,
+            "running": list(self._running),
+            "started_at": self._started_at,
+            **(self.metrics.read() if self.metrics else {}),
+        }
+
+    async def _reconcile_cancels(self) -> None:
+        """Catch cancellations whose pub/sub notice was lost (pub/sub is at-most-once)."""
+        if not self._running:
+            return
+        ids = list(self._running)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job(job_id), "state")
+            states = await pipe.execute()
+        for job_id, state in zip(ids, states, strict=True):
+            if state in (b"cancelled", None):
+                self._cancel(job_id)
+
+    # -- cancellation ----------------------------------------------------------------
+
+    async def _cancel_listener(self) -> None:
+        channel = keys.cancel_channel(self.node_id)
+        while True:
+            pubsub = self.pubsub.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self._cancel(message["data"].decode())
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("cancel subscription lost, resubscribing: %s", exc)
+                await asyncio.sleep(0.5)  # back off before reconnecting
+            finally:
+                with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _cancel(self, job_id: str) -> None:
+        entry = self._running.get(job_id)
+        if entry is None or job_id in self._cancel_requested:
+            return
+        self._cancel_requested.add(job_id)
+        log.info("job %s cancelled by its client; aborting the Ollama request", job_id)
+        entry[0].cancel()
+
+    # -- claiming --------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                job = await self._next_job()
+            except BaseException:
+                self._slots.release()
+                raise
+            self._start(job)
+
+    async def _next_job(self) -> ClaimedJob:
+        while True:
+            order = self._claim_order()
+            try:
+                for model in order:
+                    job = await self.store.claim(model, self.node_id)
+                    if job is not None:
+                        self._claims += 1
+                        return job
+                await self._wait_for_work(order)
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("claiming failed, retrying: %s", exc)
+                await asyncio.sleep(0.5)  # back off from a Redis outage
+
+    def _claim_order(self) -> list[str]:
+        if not self._ollama_ok:
+            return []
+        loaded = {normalize_model(str(m.get("name") or m.get("model"))) for m in self._loaded}
+        hot = [m for m in self.models if m in loaded]
+        cold = [m for m in self.models if m not in loaded]
+        if self._claims % FAIRNESS_EVERY == FAIRNESS_EVERY - 1:
+            return cold + hot
+        return hot + cold
+
+    async def _wait_for_work(self, models: list[str]) -> None:
+        if not models:
+            self._models_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._models_changed.wait(), self.settings.bell_timeout)
+            return
+        await self.bell.blpop(
+            [keys.doorbell(m) for m in models], timeout=self.settings.bell_timeout
+        )
+
+    def _start(self, job: ClaimedJob) -> None:
+        task = asyncio.create_task(self._run(job), name=f"job-{job.job_id}")
+        self._running[job.job_id] = (task, job)
+        task.add_done_callback(lambda t: self._finished(job.job_id, t))
+
+    def _finished(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self._running.pop(job_id, None)
+        self._cancel_requested.discard(job_id)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job %s crashed the runner", job_id, exc_info=task.exception())
+
+    # -- running ---------------------------------------------------------------------
+
+    async def _run(self, job: ClaimedJob) -> None:
+        started = time.monotonic()
+        log.info(
+            "job %s running: %s %s p%d attempt %d",
+            job.job_id,
+            job.kind.value,
+            job.model,
+            job.priority,
+            job.attempt,
+        )
+        sent = 0
+        try:
+            if job.kind.streams:
+                sent, result, final = await self._stream(job)
+            else:
+                result = final = await self.ollama.post(job.kind.path, job.request)
+            message = protocol.encode(job.job_id, sent, protocol.DONE, final)
+            await self._settle(job, JobState.DONE, result=result, message=message)
+            log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
+        except BackendError as exc:
+            message = protocol.encode_error(job.job_id, sent, exc.message, exc.status)
+            await self._settle(
+                job, JobState.FAILED, error=exc.message, status=exc.status, message=message
+            )
+            log.warning("job %s failed (%d): %s", job.job_id, exc.status, exc.message)
+        except asyncio.CancelledError:
+            if job.job_id in self._cancel_requested:
+                await asyncio.shield(self._settle(job, JobState.CANCELLED))
+            else:
+                await asyncio.shield(self._hand_back(job, sent))
+            raise
+
+    async def _stream(self, job: ClaimedJob) -> tuple[int, bytes, bytes]:
+        """Forward chunks as they come; returns (messages sent, full result, final message)."""
+        aggregate = Aggregator(job.kind)
+        channel = keys.reply_channel(job.gateway_id)
+        sent = 0
+        last = b""
+        async for line in self.ollama.stream_lines(job.kind.path, job.request):
+            chunk = orjson.loads(line)
+            if "error" in chunk:  # Ollama reports mid-stream failures as an error line
+                raise BackendError(str(chunk["error"]), 500, retriable=False)
+            aggregate.add(chunk)
+            if aggregate.done:
+                last = line
+                break
+            if job.stream:
+                message = protocol.encode(job.job_id, sent, protocol.CHUNK, line)
+                if sent == 0:  # from now on a re-run would repeat output the client has seen
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.hset(keys.job(job.job_id), "streamed", 1)
+                        pipe.publish(channel, message)
+                        await pipe.execute()
+                else:
+                    await self.redis.publish(channel, message)
+                sent += 1
+        if not aggregate.done:
+            raise BackendError("Ollama ended the stream before it was done", 502, retriable=True)
+        result = orjson.dumps(aggregate.result())
+        return sent, result, last if job.stream else result
+
+    async def _hand_back(self, job: ClaimedJob, sent: int) -> None:
+        """Shutdown reached a running job: requeue it, unless its client already has output."""
+        if sent:
+            message = f"node {self.node_id} stopped in the middle of this response"
+            await self._settle(
+                job,
+                JobState.FAILED,
+                error=message,
+                status=503,
+                message=protocol.encode_error(job.job_id, sent, message, 503),
+            )
+            return
+        await self.store.requeue(
+            job.job_id,
+            job.model,
+            job.priority,
+            job.entry_id,
+            self.node_id,
+            f"node {self.node_id} shut down",
+        )
+        log.info("job %s handed back to the queue", job.job_id)
+
+    async def _settle(self, job: ClaimedJob, state: JobState, **outcome: Any) -> None:
+        """Record the outcome, riding out a short Redis outage rather than losing it."""
+        for attempt in range(20):
+            try:
+                await self.store.finish(job, self.node_id, state, **outcome)
+                return
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("settling job %s failed (try %d): %s", job.job_id, attempt + 1, exc)
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # backoff between retries
+        log.error("could not settle job %s; the scheduler will take it back", job.job_id)
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a helper task and wait for it, without swallowing our own cancellation."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s ended with an error", task.get_name(), exc_info=task.exception())

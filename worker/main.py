@@ -1,0 +1,53 @@
+"""``corral worker``: the daemon for one Ollama node (run it under systemd)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from corral import connections, logs, signals
+from corral.settings import WorkerSettings
+from worker.daemon import Worker
+from worker.metrics import HostMetrics
+from worker.ollama import OllamaClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral worker", description=__doc__)
+    WorkerSettings.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = WorkerSettings.from_args(build_parser().parse_args(argv))
+    logs.configure(settings.log_level, f"worker[{settings.resolved_node_id()}]")
+    signals.run(lambda: serve(settings))
+    return 0
+
+
+async def serve(settings: WorkerSettings) -> None:
+    redis = connections.pooled(settings.redis_url, settings.redis_pool_size)
+    bell = connections.blocking(settings.redis_url, settings.bell_timeout)
+    pubsub = connections.blocking(settings.redis_url, None)
+    ollama = OllamaClient(
+        settings.ollama_url,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        slots=settings.resolved_slots(),
+    )
+    metrics = HostMetrics()
+    worker = Worker(settings, redis=redis, bell=bell, pubsub=pubsub, ollama=ollama, metrics=metrics)
+    try:
+        await connections.ping(redis)
+        with signals.graceful_signals(worker.request_stop):
+            await worker.run()
+    finally:
+        metrics.close()
+        await ollama.aclose()
+        for client in (bell, pubsub, redis):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
