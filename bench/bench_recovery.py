@@ -169,7 +169,7 @@ def _scheduler_error(fleet: Fleet) -> str:
 def scenario_a(smoke: bool) -> dict[str, Any]:
     fleet = start_fleet("recovery-a", 2.0, precreate=False)
     try:
-        res = run_uvloop(lambda: one_kill(fleet, "a", 10.0 if smoke else 15.0))
+        res = run_uvloop(lambda: one_kill(fleet, "a", 6.0 if smoke else 15.0))
         res["scheduler_error"] = _scheduler_error(fleet)
         return res
     finally:
@@ -199,7 +199,7 @@ def scenario_c(smoke: bool) -> dict[str, Any]:
     fleet = start_fleet("recovery-c", None, precreate=True)
     try:
         res = run_uvloop(
-            lambda: one_kill(fleet, "c", 15.0 if smoke else 30.0, restart_same_id_after=2.0)
+            lambda: one_kill(fleet, "c", 10.0 if smoke else 30.0, restart_same_id_after=2.0)
         )
         res["scheduler_error"] = _scheduler_error(fleet)
         return res
@@ -246,7 +246,7 @@ def _result(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any], smoke: bool
             [
                 [
                     a["in_flight_on_victim"],
-                    f"{a['recovered']} (watched {15 if not smoke else 10} s)",
+                    f"{a['recovered']} (watched {15 if not smoke else 6} s)",
                     "yes" if a["scheduler_alive"] else "**no, it exited**",
                     a["still_running_in_redis"],
                     outcome_text(a),
@@ -311,7 +311,7 @@ def _result(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any], smoke: bool
             [
                 [
                     c["in_flight_on_victim"],
-                    f"{c['recovered']} (watched {30 if not smoke else 15} s)"
+                    f"{c['recovered']} (watched {30 if not smoke else 10} s)"
                     + (
                         f": after {', '.join(f'{t:.1f}' for t in c['times'])} s"
                         if c["times"]

@@ -1,6 +1,6 @@
 """Benchmark 6, streaming: time to first token added by Corral, and tokens/s for 100 streams.
 
-1. TTFT: streamed generates (fake at 50 tokens/s, 10 tokens each), one at a time,
+1. TTFT: streamed generates (fake at 50 tokens/s, 3 tokens each), one at a time,
    alternating direct to the fake and through Corral; time from the request to the
    first token line.
 2. 100 concurrent streams, each client starting its next generate (100 tokens) as soon
@@ -24,6 +24,7 @@ from httpload import Connection, HttpError, fmt_ms, percentile, post_json, run_u
 MODEL = "bench:latest"
 STREAMS = 100
 RATE = 50.0
+TTFT_TOKENS = 3
 
 
 @dataclass
@@ -93,7 +94,7 @@ async def ttft_pairs(fake_url: str, gateway_url: str, count: int) -> dict[str, l
         if i % 2:
             order = order[::-1]
         for conn, label in order:
-            ttft, *_ = await stream_once(conn, 10, f"ttft {i}")
+            ttft, *_ = await stream_once(conn, TTFT_TOKENS, f"ttft {i}")
             if i >= 10:  # the first ten warm up
                 out[label].append(ttft)
     direct.close()
@@ -215,7 +216,7 @@ def _result(
         "## 6. Streaming",
         "",
         f"Time to first token, one streamed generate at a time ({pairs} each way, "
-        f"alternating; fake at {RATE:g} tokens/s, 10 tokens per answer):",
+        f"alternating; fake at {RATE:g} tokens/s, {TTFT_TOKENS} tokens per answer):",
         "",
         report.table(
             ["path", "TTFT p50 ms", "TTFT p99 ms"],

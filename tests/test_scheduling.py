@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from corral import keys
 from corral.testing.cluster import LocalCluster
 from corral.testing.fake_ollama import FakeOllamaConfig
+from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 
@@ -85,12 +86,14 @@ async def test_client_disconnect_mid_stream_frees_the_slot_within_a_second(
     fake = cluster.nodes[0].fake.fake
     body = {"model": "llama3", "prompt": "long story", "options": {"num_predict": 500}}
     fake.configure(token_rate=20)
-    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
-        async with http.stream("POST", "/api/generate", json=body) as response:
-            job_id = response.headers["x-corral-job-id"]
-            lines = response.aiter_lines()
-            assert '"done":false' in (await anext(lines)).replace(" ", "")
-            assert fake.stats()["active"] == 1
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, timeout=10) as http,
+        http.stream("POST", "/api/generate", json=body) as response,
+    ):
+        job_id = response.headers["x-corral-job-id"]
+        lines = response.aiter_lines()
+        assert '"done":false' in (await anext(lines)).replace(" ", "")
+        assert fake.stats()["active"] == 1
         # leaving the block closes the connection: the client has gone
     # The slot is free (and the fake saw its client, our worker, go away) within 1 s.
     stats = await fake.wait_until(lambda s: s["active"] == 0 and s["disconnects"] == 1, within=1.0)
@@ -108,7 +111,7 @@ async def test_queued_job_of_a_departed_client_never_runs(start_cluster: StartCl
             http.post("/api/generate", json={"model": "llama3", "prompt": "gone", "stream": False})
         )
         redis = cluster.gateway.state.redis  # type: ignore[union-attr]
-        await _until(lambda: redis.get(keys.queued_count("llama3:latest")), b"1")
+        await until(lambda: redis.get(keys.queued_count("llama3:latest")), b"1")
         gone.cancel()  # the client hangs up while its job is queued
         await asyncio.wait([gone])
         after = await _submit(http, "after", priority=5)
@@ -158,19 +161,9 @@ async def _wait_state(http: httpx.AsyncClient, job_id: str, state: str) -> dict[
     async def current() -> str:
         return str((await http.get(f"/jobs/{job_id}")).json()["state"])
 
-    await _until(current, state)
+    await until(current, state)
     view: dict[str, Any] = (await http.get(f"/jobs/{job_id}")).json()
     return view
-
-
-async def _until(
-    probe: Callable[[], Awaitable[object]], expected: object, within: float = 10.0
-) -> None:
-    """Poll ``probe`` until it returns ``expected``, with a deadline (no fixed sleeps)."""
-    async with asyncio.timeout(within):
-        while (value := await probe()) != expected:
-            await asyncio.sleep(0.01)
-    assert value == expected
 
 
 def _models_started(fake: Any) -> set[str]:
