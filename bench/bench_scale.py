@@ -41,6 +41,7 @@ from httpload import (
 
 MODEL = "bench:latest"
 SLOTS = 64
+TOKENS = 30  # 30 s per answer at 1 token/s: about 2 answers a second while they wait
 GOAL_KB = 20.0
 
 
@@ -80,7 +81,7 @@ async def hold_and_drain(
     node = fleet.nodes[0]
     errors: Counter[str] = Counter()
     ok = 0
-    body = {"model": MODEL, "stream": False, "options": {"num_predict": 4}}
+    body = {"model": MODEL, "stream": False, "options": {"num_predict": TOKENS}}
 
     # Warm-up: the code paths, pools and caches a busy gateway has, before "before".
     await post_json(node.fake_url + "/_fake/config", {"token_rate": 0})
@@ -115,13 +116,14 @@ async def hold_and_drain(
             ok += 1
 
     tasks = [asyncio.create_task(one(i, c)) for i, c in enumerate(conns)]
-    # Until the gateway holds them all (or 60 s pass), then a few seconds of steady state.
+    # Until every request is waiting, answered or failed (or 90 s pass), then a few
+    # seconds of steady state.
     waiting = 0
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        health = await get_json(fleet.gateway_url + "/healthz")
+        health = await get_json(fleet.gateway_url + "/healthz", time_limit=60)
         waiting = int(health.get("waiting", 0))
-        if waiting >= len(conns) - 5:
+        if waiting + ok + sum(errors.values()) >= count:
             break
         await asyncio.sleep(0.5)
     rss["waiting_seen"] = waiting
@@ -198,6 +200,8 @@ def run(smoke: bool) -> report.Result:
         prober.terminate()  # it writes its samples and exits
         prober.wait(10)
         fleet.wait_gateway_nodes(sim_nodes + 1)  # the registry still holds every node
+        assert fleet.gateway is not None
+        outcome["gateway_log"] = fleet.gateway.log_problems()
     samples = orjson.loads(probe_file.read_bytes()) if probe_file.exists() else []
     return _result(count, sim_nodes, outcome, rss, phases, samples, limit, smoke)
 
@@ -224,8 +228,9 @@ def _result(
     limit: int,
     smoke: bool,
 ) -> report.Result:
-    held = max(1, outcome["connected"])
+    held = max(1, rss["waiting_seen"])
     per_kb = (rss["during"] - rss["before"]) / held / 1024
+    conn_kb = (rss["after_connect"] - rss["before"]) / max(1, outcome["connected"]) / 1024
     mib = 2**20
     errors = outcome["errors"]
     err_text = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"
@@ -239,8 +244,8 @@ def _result(
         "## 3. Scale: waiting requests and a 100-node registry",
         "",
         f"{count:,} clients, one connection each, send a slow `stream: false` generate to "
-        f"one gateway process (fake node: {SLOTS} slots at 1 token/s, 4 tokens per answer, "
-        "so nearly all of them wait in the queue); the gateway runs with "
+        f"one gateway process (fake node: {SLOTS} slots at 1 token/s, {TOKENS} tokens per "
+        "answer, so nearly all of them wait in the queue); the gateway runs with "
         f"`--max-queue {count * 2}` so the queue limit is not what is measured. Meanwhile "
         f"`bench/sim_nodes.py` heartbeats {sim_nodes} simulated nodes every 2 s "
         "(`corral.fleet.publish_heartbeat`, 4 models each). Open-file limit raised to "
@@ -251,7 +256,10 @@ def _result(
             ["measure", "value"],
             [
                 ["gateway RSS before (idle, warmed up)", f"{rss['before'] / mib:.1f} MiB"],
-                ["gateway RSS with all connections open", f"{rss['after_connect'] / mib:.1f} MiB"],
+                [
+                    f"gateway RSS with {outcome['connected']:,} connections open, no request yet",
+                    f"{rss['after_connect'] / mib:.1f} MiB ({conn_kb:.1f} KB per connection)",
+                ],
                 [
                     f"gateway RSS with {rss['waiting_seen']:,} requests waiting",
                     f"{rss['during'] / mib:.1f} MiB",
@@ -293,6 +301,7 @@ def _result(
             ],
         ),
         "",
+        *_log_lines(outcome.get("gateway_log", [])),
         "The gateway is one single-threaded process: while it accepts and enqueues thousands "
         "of requests, or relays their answers, `/api/tags` waits its turn on the same event "
         "loop, so its latency during the connect and drain phases measures that queueing "
@@ -318,6 +327,15 @@ def _result(
             else None,
         },
     }
+
+
+def _log_lines(problems: list[tuple[str, int]]) -> list[str]:
+    if not problems:
+        return []
+    out = ["The gateway logged (most frequent first, timestamps removed):", ""]
+    out += [f"- {n} x `{message}`" for message, n in problems]
+    out.append("")
+    return out
 
 
 def main() -> int:

@@ -86,6 +86,7 @@ def run(smoke: bool, profile: bool) -> report.Result:
             used = dict(sampler.used)
             used["client (benchmark)"] = res.client_cpu_s
             rows.append(_row(f"through Corral, {level} clients", res, used))
+            rows[-1]["machine_cores"] = sampler.machine_cores
             rows[-1]["redis_commands"] = {
                 k.removeprefix("cmdstat_"): {"calls": v["calls"], "usec": v["usec"]}
                 for k, v in commands.items()
@@ -203,8 +204,11 @@ def _result(
             f"run ({rate or 0:,.0f} req/s while profiled):"
         )
         md.append("")
+    at512 = next((r for r in rows if r["concurrency"] == 512 and r["cpu"]), None)
     for label, summary in profiles.items():
-        md += [report.profile_markdown(f"{label} under load", summary), ""]
+        proc = "worker-n1" if label == "worker" else label
+        cpu_us = at512["cpu"].get(proc, 0.0) / max(1, at512["completed"]) * 1e6 if at512 else None
+        md += [report.profile_markdown(f"{label} under load", summary, cpu_us=cpu_us), ""]
     if smoke:
         md.insert(1, "\n_Smoke run: seconds-long, numbers are indicative only._")
     return {
@@ -221,7 +225,12 @@ def _limits(best: dict[str, Any], duration: float) -> list[str]:
     total_ms = sum(cpu.values()) / n * 1e3
     busy = sum(cpu.values()) / duration
     cores = os.cpu_count() or 1
+    machine = best.get("machine_cores", float("nan"))
     out = [
+        f"- The machine's {cores} cores were {machine:.2f} cores busy during the window: "
+        f"{busy:.2f} for this benchmark's processes and {max(0.0, machine - busy):.2f} for "
+        "other processes on the machine."
+        + (" The CPU was the limit." if machine >= 0.9 * cores else ""),
         f"- All processes together spent {total_ms:.2f} ms of CPU per request and kept "
         f"{busy:.2f} of the machine's {cores} cores busy: on this machine the path cannot "
         f"go much beyond {cores / total_ms * 1e3:,.0f} req/s whatever the concurrency. "

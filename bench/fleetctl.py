@@ -97,6 +97,22 @@ class Proc:
         except OSError:
             return ""
 
+    def log_problems(self, limit: int = 5) -> list[tuple[str, int]]:
+        """The most frequent WARNING/ERROR/Traceback lines of the log, timestamps removed."""
+        counts: dict[str, int] = {}
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
+            for level in (" ERROR ", " WARNING ", " CRITICAL "):
+                if level in line:
+                    message = level.strip() + " " + line.split(level, 1)[1].strip()
+                    counts[message[:240]] = counts.get(message[:240], 0) + 1
+            if line.startswith("Traceback"):
+                counts["Traceback"] = counts.get("Traceback", 0) + 1
+        return sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+
     def cpu_seconds(self) -> float:
         """User + system CPU of the process (and of its children, e.g. uvicorn workers)."""
         try:
@@ -240,24 +256,6 @@ class Fleet:
 
     def redis_client(self) -> redis_sync.Redis:
         return redis_sync.Redis.from_url(self.redis_url)
-
-    def precreate_priority_streams(self, models: list[str]) -> None:
-        """Create every (model, priority) stream and its consumer group up front.
-
-        A workaround, not a tuning: the scheduler's dead-node reclaim runs XPENDING on all
-        ten priority streams of every known model and exits on the NOGROUP error a
-        never-used priority gives (see RESULTS.md). With the streams in place it works.
-        Creating them is what enqueueing one job of each priority would do.
-        """
-        client = self.redis_client()
-        try:
-            for model in models:
-                for prio in keys.PRIORITIES:
-                    stream = keys.stream(model, prio)
-                    if not client.exists(stream):
-                        client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
-        finally:
-            client.close()
 
     def start_fake(self, name: str, spec: FakeSpec) -> tuple[Proc, str]:
         port = free_port()
@@ -436,10 +434,21 @@ class CpuSampler:
                 out["redis"] = float(sum(self.redis.cpu_times()[:2]))
         return out
 
+    @staticmethod
+    def machine_busy() -> float:
+        """CPU seconds the whole machine has been busy (all processes, all cores)."""
+        t = psutil.cpu_times()
+        return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
+
     def start(self) -> None:
         self.before = self._read()
+        self.machine_before = self.machine_busy()
+        self.t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         after = self._read()
         self.used = {k: after[k] - self.before.get(k, 0.0) for k in after}
+        self.machine_cores = (self.machine_busy() - self.machine_before) / max(
+            1e-9, time.monotonic() - self.t0
+        )
         return self.used

@@ -300,14 +300,33 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
     return {
         "samples": total,
         "self": [(n, c / total * 100) for n, c in self_time.most_common(top)] if total else [],
-        # Frames under (nearly) every sample are scaffolding (main, Runner.run): skip them.
-        "inclusive": [(n, c / total * 100) for n, c in inclusive.most_common() if c < 0.9 * total][
-            : top + 10
-        ]
+        # Start-up frames (main, runpy, Runner.run, uvicorn's run) hold every sample.
+        "inclusive": [
+            (n, c / total * 100) for n, c in inclusive.most_common() if not _scaffolding(n)
+        ][: top + 10]
         if total
         else [],
         "areas": [(n, c / total * 100) for n, c in areas.most_common()] if total else [],
     }
+
+
+_SCAFFOLD = (
+    "_run_module_as_main ",
+    "_run_code ",
+    "<module> ",
+    "main (",
+    "run (",
+    "Runner.run ",
+    "asyncio_run ",
+    "Server.run ",
+    "Server.serve ",
+    "Server._serve ",
+    "wrapper (",
+)
+
+
+def _scaffolding(name: str) -> bool:
+    return name.startswith(_SCAFFOLD)
 
 
 def _owner(frames: list[str]) -> str:
@@ -318,14 +337,31 @@ def _owner(frames: list[str]) -> str:
     return frames[-1]
 
 
-def profile_markdown(label: str, summary: dict[str, Any], *, top: int = 12) -> str:
+def profile_markdown(
+    label: str, summary: dict[str, Any], *, top: int = 12, cpu_us: float | None = None
+) -> str:
+    """A profile as tables; ``cpu_us`` (the process's CPU per request) adds µs columns."""
     if "error" in summary:
         return f"_{label}: profile failed: {summary['error']}_"
     parts = [f"**{label}** ({summary['samples']} samples, file `{summary.get('file', '')}`)"]
     parts.append("")
-    parts.append("CPU by layer (innermost frame of a named library):")
+    parts.append(
+        "CPU by layer (each sample goes to the innermost frame that belongs to a named "
+        "library or to Corral)"
+        + (f", scaled to this process's {cpu_us:,.0f} µs of CPU per request:" if cpu_us else ":")
+    )
     parts.append("")
-    parts.append(table(["layer", "% of samples"], [[n, f"{p:.1f}"] for n, p in summary["areas"]]))
+    if cpu_us:
+        parts.append(
+            table(
+                ["layer", "% of samples", "≈ µs per request"],
+                [[n, f"{p:.1f}", f"{p / 100 * cpu_us:,.0f}"] for n, p in summary["areas"]],
+            )
+        )
+    else:
+        parts.append(
+            table(["layer", "% of samples"], [[n, f"{p:.1f}"] for n, p in summary["areas"]])
+        )
     parts.append("")
     parts.append("Top functions by self time:")
     parts.append("")

@@ -56,7 +56,25 @@ def _busy_cpu() -> float:
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
 
 
-def run_one(name: str, smoke: bool, extra: list[str], out_dir: Path) -> dict[str, Any]:
+def wait_for_quiet(limit_s: float, threshold: float = 0.3) -> tuple[float, float]:
+    """Wait (at most ``limit_s``) until other processes use under ``threshold`` cores.
+
+    The machine may be shared; starting a benchmark while something else is busy skews it.
+    Returns (seconds waited, cores busy in the last second looked at).
+    """
+    started = time.monotonic()
+    while True:
+        before = _busy_cpu()
+        time.sleep(1.0)
+        busy = _busy_cpu() - before
+        waited = time.monotonic() - started
+        if busy < threshold or waited >= limit_s:
+            return waited, busy
+
+
+def run_one(
+    name: str, smoke: bool, extra: list[str], out_dir: Path, quiet_s: float
+) -> dict[str, Any]:
     script, smoke_limit, full_limit = BENCHMARKS[name]
     out_json = out_dir / f"{name}.json"
     out_json.unlink(missing_ok=True)
@@ -66,6 +84,7 @@ def run_one(name: str, smoke: bool, extra: list[str], out_dir: Path) -> dict[str
     if smoke:
         argv.append("--smoke")
     print(f"== {name}: {' '.join(argv[1:])}", flush=True)
+    waited, busy_before = wait_for_quiet(quiet_s) if quiet_s > 0 else (0.0, float("nan"))
     load_before = os.getloadavg()[0]
     busy0, ours0, t0 = _busy_cpu(), _children_cpu(), time.monotonic()
     with log.open("wb") as sink:
@@ -88,6 +107,8 @@ def run_one(name: str, smoke: bool, extra: list[str], out_dir: Path) -> dict[str
         "wall_s": wall,
         "exit": code,
         "load_before": load_before,
+        "busy_before": busy_before,
+        "waited_for_quiet_s": waited,
         "other_cores": other,
         "log": str(log.relative_to(BENCH_DIR)),
     }
@@ -106,6 +127,10 @@ def run_one(name: str, smoke: bool, extra: list[str], out_dir: Path) -> dict[str
     out_json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     print(f"   {name}: exit {code} in {wall:.0f} s", flush=True)
     return result
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.2f}"
 
 
 def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
@@ -138,7 +163,15 @@ def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
         for row in res.get("summary", []):
             rows.append([name, row["metric"], row["value"], row["goal"], row["status"]])
     lines.append(report.table(["benchmark", "metric", "measured", "goal", "status"], rows))
-    lines += ["", "Run conditions per benchmark:", ""]
+    lines += [
+        "",
+        "Run conditions per benchmark. The machine may be shared: before each benchmark the "
+        "runner waits (up to a limit) for other processes to go quiet, and it reports the "
+        "CPU other processes used while the benchmark ran (all busy CPU minus the "
+        "benchmark's own processes). Numbers taken while others used a sizeable share of "
+        "the cores are pessimistic.",
+        "",
+    ]
     cond = []
     for name, res in results.items():
         meta = res.get("meta", {})
@@ -147,7 +180,8 @@ def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
                 name,
                 meta.get("date", run_info["date"]),
                 f"{meta.get('wall_s', 0):.0f} s",
-                f"{meta.get('load_before', 0):.2f}",
+                f"{meta.get('waited_for_quiet_s', 0):.0f} s",
+                _num(meta.get("busy_before")),
                 f"{meta.get('other_cores', 0):.2f}",
                 meta.get("exit", "?"),
             ]
@@ -158,7 +192,8 @@ def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
                 "benchmark",
                 "run at",
                 "took",
-                "load average before",
+                "waited for a quiet machine",
+                "cores busy just before",
                 "cores used by other processes meanwhile",
                 "exit",
             ],
@@ -178,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=sorted(BENCHMARKS), help="run only this (repeatable)"
     )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        help="seconds to wait at most, before each benchmark, for other processes to go "
+        "quiet (default 20, 0 with --smoke)",
+    )
     args = p.parse_args(argv)
+    quiet_s = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.smoke else 20.0)
     names = args.only or list(BENCHMARKS)
     extra = ["--no-profile"] if args.no_profile else []
     out_dir = OUT_DIR / "smoke" if args.smoke else RESULTS_DIR
@@ -189,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     date = report.now_utc()
     failed = []
+    budget = 3 * quiet_s  # waiting for quiet must not push a full run past 15 minutes
     for name in names:
-        res = run_one(name, args.smoke, extra, out_dir)
+        wait_s = min(quiet_s, max(0.0, budget))
+        res = run_one(name, args.smoke, extra, out_dir, wait_s)
+        budget -= res["meta"]["waited_for_quiet_s"]
         res["meta"]["date"] = date
         res["meta"]["command"] = command.strip()
         (out_dir / f"{name}.json").write_bytes(

@@ -72,11 +72,14 @@ class ClaimedJob:
 class JobStore:
     """Job transitions over one Redis client."""
 
-    def __init__(self, redis: Redis, *, job_ttl: int, result_ttl: int) -> None:
+    def __init__(
+        self, redis: Redis, *, job_ttl: int, result_ttl: int, gateway_ttl: float = 6.0
+    ) -> None:
         self.redis = redis
         self.scripts = Scripts(redis)
         self.job_ttl = job_ttl
         self.result_ttl = result_ttl
+        self.gateway_ttl = gateway_ttl
 
     async def enqueue(self, spec: JobSpec, *, max_queue: int) -> int:
         """Store and queue the job in one step; returns the model's queued count.
@@ -131,7 +134,13 @@ class JobStore:
     async def claim(self, model: str, consumer: str) -> ClaimedJob | None:
         """Claim the most urgent runnable job of ``model``, or None when none waits."""
         reply = await self.scripts.claim(
-            keys=[*keys.streams(model), keys.queued_count(model), keys.doorbell(model), keys.STATS],
+            keys=[
+                *keys.streams(model),
+                keys.queued_count(model),
+                keys.doorbell(model),
+                keys.STATS,
+                keys.GATEWAYS,
+            ],
             args=[
                 keys.GROUP,
                 consumer,
@@ -139,6 +148,7 @@ class JobStore:
                 keys.job(""),
                 keys.reply_channel(""),
                 self.job_ttl,
+                self.gateway_ttl,
             ],
         )
         if not reply:
@@ -169,7 +179,7 @@ class JobStore:
     ) -> bool:
         """Settle an attempt; False when the job had moved on (then nothing was published)."""
         settled = await self.scripts.finish(
-            keys=[keys.job(job.job_id), job.stream_key, keys.STATS],
+            keys=[keys.job(job.job_id), job.stream_key, keys.STATS, keys.output(job.job_id)],
             args=[
                 keys.GROUP,
                 consumer,
@@ -198,11 +208,13 @@ class JobStore:
         *,
         max_attempts: int = 0,
     ) -> int:
-        """Put a job a node holds back in its queue (attempts stay counted).
+        """Put a job a node holds back in its queue at once (attempts stay counted).
 
-        Returns 1 when requeued, 2 when it was failed instead (its client already had
-        part of a streamed answer, or ``max_attempts`` were used), 0 when it had moved on.
+        Returns 1 when requeued, 2 when failed instead (its client already had part of a
+        streamed answer), 3 when sent to the retry inbox to be dead-lettered (it used
+        ``max_attempts``), 0 when the job was no longer held by ``consumer``.
         """
+        streamed = f"{reason} after part of the answer was streamed"
         done = await self.scripts.requeue(
             keys=[
                 keys.job(job_id),
@@ -211,6 +223,7 @@ class JobStore:
                 keys.queued_count(model),
                 keys.doorbell(model),
                 keys.STATS,
+                keys.RETRY_INBOX,
             ],
             args=[
                 keys.GROUP,
@@ -223,13 +236,38 @@ class JobStore:
                 keys.reply_channel(""),
                 self.job_ttl,
                 self.result_ttl,
+                streamed,
+                protocol.error_payload(streamed, 503),
+                history_line(consumer, reason, 503),
             ],
         )
         return int(done)
 
-    async def cancel(self, job_id: str, reason: str = "cancelled") -> JobState | None:
-        """Cancel a queued or running job; returns the state it was in (None: no such job)."""
-        message = protocol.encode_error(job_id, 0, reason, 499)
+    async def retry(self, job: ClaimedJob, consumer: str, error: str, status: int) -> bool:
+        """Hand a failed attempt to the scheduler for a retry with backoff (through RQ)."""
+        done = await self.scripts.retry(
+            keys=[keys.job(job.job_id), job.stream_key, keys.RETRY_INBOX, keys.STATS],
+            args=[
+                keys.GROUP,
+                consumer,
+                job.entry_id,
+                repr(time.time()),
+                error,
+                history_line(consumer, error, status, job.attempt),
+            ],
+        )
+        return bool(done)
+
+    async def cancel(
+        self, job_id: str, reason: str = "cancelled", *, expired: bool = False
+    ) -> JobState | None:
+        """Cancel (or, past its time limit, expire) a job that has not finished.
+
+        A queued job is then never run; a running one is aborted on its node. Returns the
+        state the job was in (None: no such job).
+        """
+        state, status = (JobState.EXPIRED, 408) if expired else (JobState.CANCELLED, 499)
+        message = protocol.encode_error(job_id, 0, reason, status)
         prior = await self.scripts.cancel(
             keys=[keys.job(job_id), keys.STATS],
             args=[
@@ -241,6 +279,8 @@ class JobStore:
                 keys.reply_channel(""),
                 message,
                 self.result_ttl,
+                state.value,
+                status,
             ],
         )
         return JobState(prior.decode()) if prior else None
@@ -251,6 +291,14 @@ class JobStore:
         if not raw:
             return None
         return record_view({_text(k): _bytes(v) for k, v in raw.items()})
+
+
+def history_line(node: str, error: str, status: int, attempt: int | None = None) -> bytes:
+    """One line of a job's failure history (the record keeps them newline-separated)."""
+    entry: dict[str, Any] = {"at": time.time(), "node": node, "error": error, "status": status}
+    if attempt is not None:
+        entry["attempt"] = attempt
+    return orjson.dumps(entry)
 
 
 def record_view(rec: dict[str, bytes]) -> dict[str, Any]:
@@ -278,6 +326,8 @@ def record_view(rec: dict[str, bytes]) -> dict[str, Any]:
     if "error" in rec:
         view["error"] = rec["error"].decode()
         view["status"] = int(rec.get("status", b"500"))
+    if "history" in rec:
+        view["history"] = [orjson.loads(line) for line in rec["history"].splitlines() if line]
     return view
 
 

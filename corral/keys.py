@@ -81,6 +81,18 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def output(job_id: str) -> str:
+    """List of the reply messages of a streamed job, so lost pub/sub messages can be replayed."""
+    return f"{PREFIX}:out:{job_id}"
+
+
+RETRY_INBOX = f"{PREFIX}:retry:inbox"
+"""List of job ids waiting for the scheduler to schedule their retry (through RQ)."""
+
+RETRY_QUEUE = "corral-retry"
+"""The RQ queue of retry jobs; its FailedJobRegistry is the dead-letter queue."""
+
+
 def reply_channel(gateway_id: str) -> str:
     """Pub/sub channel of one gateway process; messages are demultiplexed by job id."""
     return f"{PREFIX}:reply:{gateway_id}"

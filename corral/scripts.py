@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 
-def _source(name: str) -> str:
+def source(name: str) -> str:
+    """The text of ``corral/lua/<name>.lua``."""
     return resources.files("corral").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
@@ -20,11 +21,12 @@ class Scripts:
     """Registered scripts for one client; redis-py falls back from EVALSHA to EVAL itself."""
 
     def __init__(self, redis: Redis) -> None:
-        self.enqueue: AsyncScript = redis.register_script(_source("enqueue"))
-        self.claim: AsyncScript = redis.register_script(_source("claim"))
-        self.finish: AsyncScript = redis.register_script(_source("finish"))
-        self.cancel: AsyncScript = redis.register_script(_source("cancel"))
-        self.requeue: AsyncScript = redis.register_script(_source("requeue"))
+        self.enqueue: AsyncScript = redis.register_script(source("enqueue"))
+        self.claim: AsyncScript = redis.register_script(source("claim"))
+        self.finish: AsyncScript = redis.register_script(source("finish"))
+        self.cancel: AsyncScript = redis.register_script(source("cancel"))
+        self.requeue: AsyncScript = redis.register_script(source("requeue"))
+        self.retry: AsyncScript = redis.register_script(source("retry"))
 
 
-__all__ = ["Scripts"]
+__all__ = ["Scripts", "source"]

@@ -160,6 +160,9 @@ class WorkerSettings(CommonSettings):
 class SchedulerSettings(CommonSettings):
     interval: float = Field(1.0, gt=0, description="seconds between maintenance passes")
     lease_ttl: float = Field(5.0, gt=0, description="seconds the active scheduler's lease lasts")
-    max_attempts: int = Field(
-        3, ge=1, description="attempts a job gets before it is failed for good (poison jobs)"
+    max_attempts: int = Field(3, ge=1, description="attempts a job gets before it is dead-lettered")
+    retry_base: float = Field(
+        1.0, gt=0, description="backoff before the first retry, doubling (RQ: whole seconds)"
     )
+    retry_cap: float = Field(30.0, gt=0, description="longest backoff between retries")
+    rq_worker: bool = Field(True, description="run an RQ worker child process for retry jobs")

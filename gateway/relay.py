@@ -90,7 +90,7 @@ class JobResponse(Response):
         try:
             first = await self._next()
         except JobTimeout:
-            await self._cancel(f"no node answered within {self.timeout:g}s")
+            await self._cancel(f"no node answered within {self.timeout:g}s", expired=True)
             await self._send_error(
                 send, f"timed out after {self.timeout:g}s waiting for a node", 504
             )
@@ -134,7 +134,7 @@ class JobResponse(Response):
             try:
                 reply = await self._next()
             except JobTimeout:
-                await self._cancel(f"no output for {self.timeout:g}s")
+                await self._cancel(f"no output for {self.timeout:g}s", expired=True)
                 body = self.dialect.stream_error(f"no output for {self.timeout:g}s", 504)
                 self._settled = True
                 await send({"type": "http.response.body", "body": body})
@@ -154,10 +154,10 @@ class JobResponse(Response):
                 self.queue.put_nowait(DISCONNECTED)
                 return
 
-    async def _cancel(self, reason: str) -> None:
+    async def _cancel(self, reason: str, *, expired: bool = False) -> None:
         self._settled = True
         try:
-            prior = await self.store.cancel(self.spec.job_id, reason)
+            prior = await self.store.cancel(self.spec.job_id, reason, expired=expired)
         except (RedisError, OSError) as exc:  # a failed cancel must not fail the response
             log.warning("cancelling job %s failed: %s", self.spec.job_id, exc)
             return

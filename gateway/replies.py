@@ -78,23 +78,38 @@ class ReplyRouter:
             queue.put_nowait(reply)
 
     async def _recover(self) -> None:
-        """Settle waiting jobs that finished while we were not listening."""
+        """Replay what waiting jobs missed while we were not listening.
+
+        A streamed job's messages are kept in its output list, so they are replayed in
+        full (the relay drops the ones it already wrote, by sequence number); any other
+        job that finished meanwhile is answered from its record.
+        """
         ids = list(self.waiters)
         if not ids:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
+                pipe.lrange(keys.output(job_id), 0, -1)
                 pipe.hmget(keys.job(job_id), "state", "result", "error", "status")
-            records = await pipe.execute()
-        for job_id, (state, result, error, status) in zip(ids, records, strict=True):
+            fetched = await pipe.execute()
+        for index, job_id in enumerate(ids):
+            output, (state, result, error, status) = fetched[2 * index], fetched[2 * index + 1]
             queue = self.waiters.get(job_id)
-            if queue is None or state is None:
+            if queue is None:
                 continue
+            for message in output:
+                queue.put_nowait(protocol.decode(message))
+            if output and output[-1].split(b" ", 3)[2] != protocol.CHUNK:
+                continue  # the replayed stream already ends with its final message
             if state == b"done" and result is not None:
-                queue.put_nowait(Reply(job_id, 1 << 30, protocol.DONE, result))
+                queue.put_nowait(Reply(job_id, FROM_RECORD, protocol.DONE, result))
             elif state in (b"failed", b"cancelled", b"expired", b"dead"):
                 payload = protocol.error_payload(
                     (error or b"job ended").decode(), int(status or 500)
                 )
-                queue.put_nowait(Reply(job_id, 1 << 30, protocol.ERROR, payload))
-        log.info("reply router recovered %d waiting job(s) from their records", len(ids))
+                queue.put_nowait(Reply(job_id, FROM_RECORD, protocol.ERROR, payload))
+        log.info("reply router replayed missed replies for %d waiting job(s)", len(ids))
+
+
+FROM_RECORD = 1 << 30
+"""Sequence number of a final reply rebuilt from a job record (after every real one)."""

@@ -9,7 +9,10 @@ import os
 import socket
 import uuid
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from rq import Queue
 
 from corral import keys
 from corral.connections import TRANSIENT_REDIS_ERRORS
@@ -17,18 +20,28 @@ from corral.jobs import JobStore
 from corral.settings import SchedulerSettings
 from scheduler import housekeeping, reclaim
 from scheduler.lease import Lease
+from scheduler.retries import Backoff, RetryScheduler
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, redis: Redis) -> None:
+    def __init__(self, settings: SchedulerSettings, redis: Redis, rq_redis: SyncRedis) -> None:
         self.settings = settings
         self.redis = redis
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
         self.lease = Lease(redis, self.id, settings.lease_ttl)
+        self.retries = RetryScheduler(
+            redis,
+            Queue(keys.RETRY_QUEUE, connection=rq_redis),
+            Backoff(settings.retry_base, settings.retry_cap),
+            max_attempts=settings.max_attempts,
+            job_ttl=settings.job_ttl,
+            result_ttl=settings.result_ttl,
+        )
         self._stop = asyncio.Event()
+        self._was_active = False
         self.passes = 0
 
     def request_stop(self) -> None:
@@ -40,9 +53,21 @@ class Scheduler:
             while not self._stop.is_set():
                 try:
                     if await self.lease.acquire_or_renew():
+                        if not self._was_active:
+                            log.info("scheduler %s is now the active one", self.id)
+                            await self.retries.recover()
+                            self._was_active = True
                         await self.run_pass()
+                    else:
+                        self._was_active = False
                 except TRANSIENT_REDIS_ERRORS as exc:
                     log.warning("maintenance pass failed, retrying: %s", exc)
+                except RedisError:
+                    # One bad key must not stop reclaim and retries for the whole fleet.
+                    log.exception(
+                        "maintenance pass hit a Redis error; next pass in %ss",
+                        self.settings.interval,
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.settings.interval)
         finally:
@@ -58,6 +83,7 @@ class Scheduler:
             )
             await self.redis.zrem(keys.NODES, node_id)
             log.warning("node %s is dead: took back %d job(s)", node_id, count)
+        await self.retries.drain()
         await housekeeping.trim_acknowledged(self.redis, models)
         await housekeeping.prune_gateways(self.redis, self.settings.node_ttl)
         self.passes += 1

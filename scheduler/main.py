@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import subprocess
+import sys
+
+from redis import Redis as SyncRedis
 
 from corral import connections, logs, signals
 from corral.settings import SchedulerSettings
@@ -24,13 +29,33 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings: SchedulerSettings) -> None:
     redis = connections.pooled(settings.redis_url, 8)
+    rq_redis = SyncRedis.from_url(settings.redis_url)
+    child = start_rq_worker(settings) if settings.rq_worker else None
     try:
         await connections.ping(redis)
-        scheduler = Scheduler(settings, redis)
+        scheduler = Scheduler(settings, redis, rq_redis)
         with signals.graceful_signals(scheduler.request_stop):
             await scheduler.run()
     finally:
+        if child is not None:
+            await stop_child(child)
+        rq_redis.close()
         await redis.aclose()
+
+
+def start_rq_worker(settings: SchedulerSettings) -> subprocess.Popen[bytes]:
+    """The RQ worker that runs retry jobs, as a child (RQ wants the main thread's signals)."""
+    command = [sys.executable, "-m", "scheduler.rq_worker", "--redis-url", settings.redis_url]
+    return subprocess.Popen([*command, "--log-level", settings.log_level])
+
+
+async def stop_child(child: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    child.terminate()  # RQ's warm shutdown: finish the job in hand
+    try:
+        await asyncio.to_thread(child.wait, grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        await asyncio.to_thread(child.wait)
 
 
 if __name__ == "__main__":

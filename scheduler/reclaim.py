@@ -40,6 +40,8 @@ async def reclaim_node(store: JobStore, node_id: str, models: list[str], max_att
     for model in models:
         for priority in keys.PRIORITIES:
             stream = keys.stream(model, priority)
+            if not await redis.exists(stream):
+                continue
             while True:
                 pending = await redis.xpending_range(
                     stream, keys.GROUP, min="-", max="+", count=BATCH, consumername=node_id
@@ -64,12 +66,17 @@ async def reclaim_node(store: JobStore, node_id: str, models: list[str], max_att
                     )
                     settled += 1
                     log.info("job %s from dead node %s: %s", job_id, node_id, _OUTCOMES[outcome])
-            if await redis.exists(stream):  # safe now: nothing of the node's is pending here
-                await redis.xgroup_delconsumer(stream, keys.GROUP, node_id)
+            # Safe now that nothing of the node's is pending here (DELCONSUMER drops pending).
+            await redis.xgroup_delconsumer(stream, keys.GROUP, node_id)
     return settled
 
 
-_OUTCOMES = {0: "already settled", 1: "requeued", 2: "failed (no retry possible)"}
+_OUTCOMES = {
+    0: "already settled",
+    1: "requeued",
+    2: "failed (part of its answer was already streamed)",
+    3: "out of attempts: to the dead-letter queue",
+}
 
 
 async def _job_of(redis: Redis, stream: str, entry_id: str) -> str:

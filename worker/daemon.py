@@ -54,7 +54,12 @@ class Worker:
         self.pubsub = pubsub
         self.ollama = ollama
         self.metrics = metrics
-        self.store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
+        self.store = JobStore(
+            redis,
+            job_ttl=settings.job_ttl,
+            result_ttl=settings.result_ttl,
+            gateway_ttl=settings.node_ttl,
+        )
         self.ready = asyncio.Event()
         """Set once models are discovered and the first heartbeat is out."""
         self._stop = asyncio.Event()
@@ -208,17 +213,33 @@ class Worker:
         }
 
     async def _reconcile_cancels(self) -> None:
-        """Catch cancellations whose pub/sub notice was lost (pub/sub is at-most-once)."""
+        """Catch cancellations whose pub/sub notice was lost (pub/sub is at-most-once), and
+        orphans: jobs whose client waited on a gateway that has since died."""
         if not self._running:
             return
         ids = list(self._running)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hget(keys.job(job_id), "state")
-            states = await pipe.execute()
-        for job_id, state in zip(ids, states, strict=True):
+                pipe.hmget(keys.job(job_id), "state", "wait", "gw")
+            records = await pipe.execute()
+        gateways = {gw for _, wait, gw in records if wait == b"1" and gw}
+        live = await self._live_gateways(gateways)
+        for job_id, (state, wait, gw) in zip(ids, records, strict=True):
             if state in (b"cancelled", None):
                 self._cancel(job_id)
+            elif wait == b"1" and gw not in live:
+                await self.store.cancel(
+                    job_id, "orphaned: the gateway its client waited on is gone"
+                )
+                self._cancel(job_id)
+
+    async def _live_gateways(self, gateways: set[bytes]) -> set[bytes]:
+        if not gateways:
+            return set()
+        names = sorted(gateways)
+        scores = await self.redis.zmscore(keys.GATEWAYS, [n.decode() for n in names])
+        cutoff = time.time() - self.settings.node_ttl
+        return {name for name, seen in zip(names, scores, strict=True) if seen and seen >= cutoff}
 
     # -- cancellation ----------------------------------------------------------------
 
@@ -326,17 +347,30 @@ class Worker:
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
-            message = protocol.encode_error(job.job_id, sent, exc.message, exc.status)
-            await self._settle(
-                job, JobState.FAILED, error=exc.message, status=exc.status, message=message
-            )
-            log.warning("job %s failed (%d): %s", job.job_id, exc.status, exc.message)
+            await self._failed(job, exc, sent)
         except asyncio.CancelledError:
             if job.job_id in self._cancel_requested:
                 await asyncio.shield(self._settle(job, JobState.CANCELLED))
             else:
                 await asyncio.shield(self._hand_back(job, sent))
             raise
+
+    async def _failed(self, job: ClaimedJob, exc: BackendError, sent: int) -> None:
+        """Retry what another attempt may fix, unless the client already has part of it."""
+        if exc.retriable and not sent:
+            if await self.store.retry(job, self.node_id, exc.message, exc.status):
+                log.warning(
+                    "job %s attempt %d failed, to be retried: %s",
+                    job.job_id,
+                    job.attempt,
+                    exc.message,
+                )
+            return
+        message = protocol.encode_error(job.job_id, sent, exc.message, exc.status)
+        await self._settle(
+            job, JobState.FAILED, error=exc.message, status=exc.status, message=message
+        )
+        log.warning("job %s failed (%d): %s", job.job_id, exc.status, exc.message)
 
     async def _stream(self, job: ClaimedJob) -> tuple[int, bytes, bytes]:
         """Forward chunks as they come; returns (messages sent, full result, final message)."""
@@ -353,19 +387,28 @@ class Worker:
                 last = line
                 break
             if job.stream:
-                message = protocol.encode(job.job_id, sent, protocol.CHUNK, line)
-                if sent == 0:  # from now on a re-run would repeat output the client has seen
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.hset(keys.job(job.job_id), "streamed", 1)
-                        pipe.publish(channel, message)
-                        await pipe.execute()
-                else:
-                    await self.redis.publish(channel, message)
+                await self._forward(
+                    job,
+                    channel,
+                    protocol.encode(job.job_id, sent, protocol.CHUNK, line),
+                    first=sent == 0,
+                )
                 sent += 1
         if not aggregate.done:
             raise BackendError("Ollama ended the stream before it was done", 502, retriable=True)
         result = orjson.dumps(aggregate.result())
         return sent, result, last if job.stream else result
+
+    async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
+        """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss."""
+        out = keys.output(job.job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if first:  # from now on a re-run would repeat output the client has seen
+                pipe.hset(keys.job(job.job_id), "streamed", 1)
+                pipe.expire(out, self.settings.job_ttl)
+            pipe.rpush(out, message)
+            pipe.publish(channel, message)
+            await pipe.execute()
 
     async def _hand_back(self, job: ClaimedJob, sent: int) -> None:
         """Shutdown reached a running job: requeue it, unless its client already has output."""

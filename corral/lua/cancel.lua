@@ -3,7 +3,8 @@
 -- KEYS: 1 job record, 2 stats
 -- ARGV: 1 job id, 2 now, 3 record ttl (s), 4 reason, 5 cancel channel prefix,
 --       6 reply channel prefix, 7 message for the waiting gateway,
---       8 record ttl (s) for jobs a client waited on
+--       8 record ttl (s) for jobs a client waited on, 9 final state (cancelled or expired),
+--       10 status to record
 -- Returns the state the job was in (false when there is no such job).
 local rec = redis.call('HMGET', KEYS[1], 'state', 'node', 'gw', 'wait')
 local state = rec[1]
@@ -11,10 +12,10 @@ if not state then
   return false
 end
 if state == 'queued' or state == 'retrying' or state == 'running' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2], 'error', ARGV[4],
-    'status', '499')
+  redis.call('HSET', KEYS[1], 'state', ARGV[9], 'finished', ARGV[2], 'error', ARGV[4],
+    'status', ARGV[10])
   redis.call('EXPIRE', KEYS[1], tonumber(rec[4] == '0' and ARGV[3] or ARGV[8]))
-  redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+  redis.call('HINCRBY', KEYS[2], ARGV[9], 1)
   if state == 'running' and rec[2] then
     redis.call('PUBLISH', ARGV[5] .. rec[2], ARGV[1])
   end

@@ -1,9 +1,10 @@
 -- Claim at most one job of one model, most urgent priority first, and mark it running.
 -- Non-blocking on purpose: a multi-stream XREADGROUP would hand out COUNT entries per stream
 -- and ignore BLOCK, so workers wait on the doorbell and then call this.
--- KEYS: 1..10 streams p0..p9, 11 queued counter, 12 doorbell, 13 stats
+-- KEYS: 1..10 streams p0..p9, 11 queued counter, 12 doorbell, 13 stats, 14 live gateways
 -- ARGV: 1 group, 2 consumer (node id), 3 now (unix seconds), 4 job key prefix,
---       5 reply channel prefix, 6 record ttl (s) for a job that expired in the queue
+--       5 reply channel prefix, 6 record ttl (s) for a job that ends in the queue,
+--       7 seconds without a heartbeat after which a gateway is gone
 -- Returns {priority, entry id, job id, kind, request, stream flag, gateway id, attempts}
 -- or false when nothing is waiting (the doorbell is cleared then, so stale rings stop).
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
@@ -17,7 +18,7 @@ for i = 1, 10 do
     local eid, jid = entry[1], entry[2][2]
     redis.call('DECR', KEYS[11])
     local jk = ARGV[4] .. jid
-    local rec = redis.call('HMGET', jk, 'state', 'kind', 'req', 'stream', 'gw', 'deadline')
+    local rec = redis.call('HMGET', jk, 'state', 'kind', 'req', 'stream', 'gw', 'deadline', 'wait')
     local state, deadline = rec[1], tonumber(rec[6])
     if state == 'queued' and deadline and deadline > 0 and deadline < tonumber(now) then
       -- Expired while waiting: never start it, and tell the waiting client why.
@@ -28,6 +29,17 @@ for i = 1, 10 do
       redis.call('PUBLISH', ARGV[5] .. rec[5], jid ..
         ' 0 E {"error":"job expired before a node could start it","status":408}')
       state = 'expired'
+    end
+    if state == 'queued' and rec[7] == '1' then
+      -- Orphan: the client waits on a gateway that is gone, so nobody could get the answer.
+      local seen = tonumber(redis.call('ZSCORE', KEYS[14], rec[5]) or '0')
+      if seen < tonumber(now) - tonumber(ARGV[7]) then
+        redis.call('HSET', jk, 'state', 'cancelled', 'finished', now,
+          'error', 'orphaned: the gateway its client waited on is gone', 'status', '499')
+        redis.call('EXPIRE', jk, tonumber(ARGV[6]))
+        redis.call('HINCRBY', KEYS[13], 'orphaned', 1)
+        state = 'cancelled'
+      end
     end
     if state == 'queued' then
       local attempts = redis.call('HINCRBY', jk, 'attempts', 1)

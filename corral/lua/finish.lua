@@ -1,5 +1,5 @@
 -- Record a job's outcome, acknowledge its stream entry and answer its gateway, once.
--- KEYS: 1 job record, 2 stream the entry came from, 3 stats
+-- KEYS: 1 job record, 2 stream the entry came from, 3 stats, 4 the job's streamed-output list
 -- ARGV: 1 group, 2 node id, 3 entry id, 4 final state, 5 now, 6 record ttl (s),
 --       7 result (JSON, may be empty), 8 error message, 9 error status,
 --       10 reply channel prefix, 11 message to publish (may be empty),
@@ -22,5 +22,10 @@ redis.call('EXPIRE', KEYS[1], tonumber(rec[5] == '0' and ARGV[6] or ARGV[12]))
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if ARGV[11] ~= '' and rec[4] then
   redis.call('PUBLISH', ARGV[10] .. rec[4], ARGV[11])
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  -- Kept briefly so a gateway that lost its subscription can replay the whole answer.
+  redis.call('RPUSH', KEYS[4], ARGV[11])
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[12]))
 end
 return 1

@@ -15,7 +15,7 @@ import uvicorn
 
 from corral import connections
 from corral.netutil import listen_socket
-from corral.settings import GatewaySettings, WorkerSettings
+from corral.settings import GatewaySettings, SchedulerSettings, WorkerSettings
 from corral.testing.fake_ollama import FakeOllamaConfig, FakeOllamaServer, start_fake_ollama
 
 
@@ -72,6 +72,37 @@ class LocalGateway:
         return self.app.state.corral
 
 
+class LocalScheduler:
+    """The scheduler loop in this event loop, plus its RQ worker as a real child process."""
+
+    def __init__(self, redis_url: str, **overrides: Any) -> None:
+        from redis import Redis as SyncRedis
+
+        from scheduler.daemon import Scheduler
+
+        options = {"interval": 0.1, "retry_base": 0.2, "retry_cap": 1.0, **overrides}
+        self.settings = SchedulerSettings(redis_url=redis_url, **options)
+        self.redis = connections.pooled(redis_url, 8)
+        self.rq_redis = SyncRedis.from_url(redis_url)
+        self.scheduler = Scheduler(self.settings, self.redis, self.rq_redis)
+        self.task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self.child: Any = None
+        if self.settings.rq_worker:
+            from scheduler.main import start_rq_worker
+
+            self.child = start_rq_worker(self.settings)
+
+    async def stop(self) -> None:
+        from scheduler.main import stop_child
+
+        self.scheduler.request_stop()
+        await asyncio.wait([self.task])
+        if self.child is not None:
+            await stop_child(self.child)
+        self.rq_redis.close()
+        await self.redis.aclose()
+
+
 class LocalCluster:
     """Start with ``await LocalCluster.start(redis_url, ...)``; stop with ``await c.stop()``."""
 
@@ -79,6 +110,7 @@ class LocalCluster:
         self.redis_url = redis_url
         self.nodes: list[LocalNode] = []
         self.gateway: LocalGateway | None = None
+        self.scheduler: LocalScheduler | None = None
 
     @classmethod
     async def start(
@@ -89,12 +121,16 @@ class LocalCluster:
         slots: int | None = None,
         gateway: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
     ) -> LocalCluster:
+        """``scheduler=None`` runs none; ``{}`` runs one with test-friendly defaults."""
         cluster = cls(redis_url)
         try:
             for config in nodes if nodes is not None else [FakeOllamaConfig()]:
                 await cluster.add_node(config, slots=slots, **(worker or {}))
             await cluster.start_gateway(**(gateway or {}))
+            if scheduler is not None:
+                cluster.scheduler = LocalScheduler(redis_url, **scheduler)
         except BaseException:
             await cluster.stop()
             raise
@@ -147,6 +183,9 @@ class LocalCluster:
         return node
 
     async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None

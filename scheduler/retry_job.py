@@ -1,0 +1,94 @@
+"""The function RQ runs for a retry: put the job back in its stream, or dead-letter it.
+
+It runs in an RQ worker (``scheduler.rq_worker``), synchronously, on the connection RQ
+gives it. Three cases, decided from the job record:
+
+* ``retrying`` with attempts left and its deadline not passed: back into its priority
+  stream, to be claimed like any new job;
+* ``retrying`` with no attempts left: the job becomes ``dead`` and this function raises
+  ``DeadLetter`` with the job's whole failure history, so RQ files it in its
+  FailedJobRegistry — the dead-letter queue shown by rq-dashboard;
+* ``dead``: an operator requeued it (rq-dashboard's *Requeue* or ``corral dlq retry``),
+  so it goes back into the fleet with fresh attempts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis import Redis
+from rq import get_current_job
+
+from corral import keys, protocol
+from corral.jobs import DOORBELL_CAP
+from corral.scripts import source
+
+
+class DeadLetter(Exception):
+    """Raised on purpose so RQ records the job as failed: it carries the failure history."""
+
+
+def revive(job_id: str, max_attempts: int, job_ttl: int, result_ttl: int) -> str:
+    current = get_current_job()
+    if current is None:
+        raise RuntimeError("revive() must run inside an RQ worker")
+    redis: Redis = current.connection
+    fields = redis.hmget(
+        keys.job(job_id), "state", "model", "prio", "attempts", "deadline", "history"
+    )
+    state, model, prio, attempts, deadline, history = (_text(v) for v in fields)
+    if state is None:
+        return f"job {job_id} no longer exists (its record expired)"
+    if state == "dead":
+        return _requeue(redis, job_id, model, prio, "retrying,dead", reset=True)
+    if state != "retrying":
+        return f"job {job_id} is {state}; nothing to retry"
+    if deadline and 0 < float(deadline) < time.time():
+        _bury(redis, job_id, "expired", "job deadline passed while it waited for a retry", 408,
+              job_ttl, result_ttl)  # fmt: skip
+        return f"job {job_id} expired"
+    if int(attempts or 0) >= max_attempts:
+        message = f"gave up after {attempts} attempt(s)"
+        _bury(redis, job_id, "dead", message, 503, job_ttl, result_ttl)
+        raise DeadLetter(f"job {job_id} ({model}) {message}; history:\n{history or ''}")
+    return _requeue(redis, job_id, model, prio, "retrying", reset=False)
+
+
+def _requeue(
+    redis: Redis, job_id: str, model: str | None, prio: str | None, allowed: str, *, reset: bool
+) -> str:
+    assert model is not None
+    priority = int(prio or keys.DEFAULT_PRIORITY)
+    script = redis.register_script(source("revive"))
+    entry = script(
+        keys=[
+            keys.job(job_id),
+            keys.stream(model, priority),
+            keys.queued_count(model),
+            keys.doorbell(model),
+            keys.STATS,
+            keys.MODELS,
+        ],
+        args=[keys.GROUP, repr(time.time()), DOORBELL_CAP, allowed, "1" if reset else "0"],
+    )
+    if not entry:
+        return f"job {job_id} changed state meanwhile; not requeued"
+    return f"job {job_id} requeued at priority {priority}"
+
+
+def _bury(
+    redis: Redis, job_id: str, state: str, error: str, status: int, job_ttl: int, result_ttl: int
+) -> None:
+    script = redis.register_script(source("bury"))
+    script(
+        keys=[keys.job(job_id), keys.STATS],
+        args=[
+            state, repr(time.time()), error, status, keys.reply_channel(""),
+            job_ttl, result_ttl, "retrying", protocol.error_payload(error, status),
+        ],
+    )  # fmt: skip
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

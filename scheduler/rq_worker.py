@@ -1,0 +1,33 @@
+"""The RQ worker that runs retry jobs (``python -m scheduler.rq_worker --redis-url ...``).
+
+``corral scheduler`` starts one as a child process and stops it with SIGTERM (RQ's warm
+shutdown: the job in hand finishes first). Its built-in RQ scheduler moves retries whose
+backoff has passed onto the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+
+from corral import keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scheduler.rq_worker", description=__doc__)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    connection = Redis.from_url(args.redis_url)
+    queue = Queue(keys.RETRY_QUEUE, connection=connection)
+    worker = SimpleWorker([queue], connection=connection)
+    worker.work(with_scheduler=True, logging_level=args.log_level.upper())
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""Nothing is lost: retries with backoff through RQ, dead letters and their requeue, dead
+node reclaim, poison jobs, deadlines, orphans, pub/sub loss and scheduler failover."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from rq import Queue
+from rq.registry import FailedJobRegistry
+
+from corral import fleet, keys
+from corral.jobs import JobStore
+from corral.redis_proc import free_port
+from corral.testing.cluster import LocalCluster
+from corral.testing.fake_ollama import FakeOllamaConfig
+from scheduler.retries import Backoff
+from tests.helpers import until
+
+StartCluster = Callable[..., Awaitable[LocalCluster]]
+GENERATE = {"model": "llama3", "prompt": "try again", "stream": False}
+
+
+async def _job_state(redis: Redis, job_id: str) -> str:
+    state = await redis.hget(keys.job(job_id), "state")
+    return state.decode() if state else ""
+
+
+async def test_retriable_failure_is_retried_with_backoff(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    # RQ schedules at whole seconds, so the backoff under test is seconds long.
+    cluster = await start_cluster(
+        [FakeOllamaConfig(fail_next=1)], scheduler={"retry_base": 3.0, "retry_cap": 3.0}
+    )
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        reply = await http.post("/api/generate", json=GENERATE)
+        assert reply.status_code == 200 and reply.json()["response"] == "echo: try again"
+        job = (await http.get(f"/jobs/{reply.headers['x-corral-job-id']}")).json()
+    assert job["state"] == "done" and job["attempts"] == 2
+    assert [h["status"] for h in job["history"]] == [500]
+    record = await redis.hmget(keys.job(job["id"]), "retry_since", "requeued")
+    waited = float(record[1]) - float(record[0])
+    assert waited >= 0.5  # equal jitter: 1.5-3 s, less at most 1 s of RQ's rounding
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    backoff = Backoff(base=1.0, cap=8.0)
+    rng = random.Random(7)
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 8.0)]:
+        delays = [backoff.delay(attempt, rng) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 4  # really jittered
+
+
+async def test_non_retriable_failure_fails_at_once(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    cluster = await start_cluster([FakeOllamaConfig(fail_next=1, fail_status=400)], scheduler={})
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        with pytest.raises(ollama.ResponseError) as failure:
+            await client.generate(model="llama3", prompt="x")
+    assert failure.value.status_code == 400
+    assert await redis.llen(keys.RETRY_INBOX) == 0
+    assert await redis.hget(keys.STATS, "retried") is None
+
+
+async def test_dead_letter_after_attempts_then_requeue_completes(
+    start_cluster: StartCluster, redis: Redis, redis_url: str
+) -> None:
+    cluster = await start_cluster(
+        [FakeOllamaConfig(fail_next=100)],
+        scheduler={"max_attempts": 2, "retry_base": 0.05, "retry_cap": 0.05},
+    )
+    fake = cluster.nodes[0].fake.fake
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        with pytest.raises(ollama.ResponseError) as failure:
+            await client.generate(model="llama3", prompt="doomed")
+    assert failure.value.status_code == 503
+    assert "gave up after 2 attempt(s)" in failure.value.error
+    registry = FailedJobRegistry(
+        queue=Queue(keys.RETRY_QUEUE, connection=SyncRedis.from_url(redis_url))
+    )
+    letters = registry.get_job_ids()
+    assert len(letters) == 1
+    from rq.job import Job
+
+    letter = Job.fetch(letters[0], connection=registry.connection)
+    job_id = letter.meta["corral_job"]
+    assert await _job_state(redis, job_id) == "dead"
+    history = letter.latest_result().exc_string  # type: ignore[union-attr]
+    assert "DeadLetter" in history and history.count('"status":500') == 2
+
+    fake.configure(fail_next=0)
+    retried = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "dlq", "--redis-url", redis_url, "retry", job_id],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert retried.returncode == 0, retried.stderr
+    await until(lambda: _job_state(redis, job_id), "done")
+    view = await JobStore(redis, job_ttl=60, result_ttl=60).get(job_id)
+    assert view is not None and view["result"]["response"] == "echo: doomed"
+    registry.connection.close()
+
+
+async def test_dead_worker_jobs_are_reclaimed_at_once(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    cluster = await start_cluster([FakeOllamaConfig()], scheduler={"node_ttl": 1.0})
+    await cluster.nodes[0].stop()  # the live node leaves so that the ghost claims the job
+    cluster.nodes.clear()
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    await fleet.publish_heartbeat(redis, _node_record("keeper"), 60)  # keeps llama3 routable
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        submitted = await http.post(
+            "/jobs", json={"kind": "generate", "wait": False, "request": GENERATE}
+        )
+    job_id = submitted.json()["id"]
+    ghost = await _ghost_claim(store, redis, "ghost")  # a node that claims, then vanishes
+    assert ghost.job_id == job_id
+    replacement = await cluster.add_node(FakeOllamaConfig(), node_id="fresh")
+    await until(lambda: _job_state(redis, job_id), "done", within=5)
+    view = await store.get(job_id)
+    assert view is not None and view["node"] == "fresh" and view["attempts"] == 2
+    assert view["history"][0]["error"] == "node ghost died"
+    assert replacement.fake.fake.stats()["completed"] == 1
+
+
+async def test_poison_job_is_dead_lettered(start_cluster: StartCluster, redis: Redis) -> None:
+    cluster = await start_cluster(
+        [FakeOllamaConfig()], scheduler={"node_ttl": 0.5, "max_attempts": 2}
+    )
+    await cluster.nodes[0].stop()
+    cluster.nodes.clear()
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        await fleet.publish_heartbeat(redis, _node_record("keeper"), 60)  # keeps llama3 routable
+        again = await http.post(
+            "/jobs", json={"kind": "generate", "wait": False, "request": GENERATE}
+        )
+        job_id = again.json()["id"]
+    for name in ("crash-1", "crash-2"):  # every node that takes it dies
+        claimed = await _ghost_claim(store, redis, name)
+        assert claimed.job_id == job_id
+        await until(lambda: _job_state(redis, job_id), "queued" if name == "crash-1" else "dead")
+    view = await store.get(job_id)
+    assert view is not None and view["attempts"] == 2
+    assert [h["node"] for h in view["history"]] == ["crash-1", "crash-2"]
+
+
+async def test_deadline_expiry(start_cluster: StartCluster, redis: Redis) -> None:
+    cluster = await start_cluster([FakeOllamaConfig(num_parallel=1, token_rate=100)])
+    fake = cluster.nodes[0].fake.fake
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        blocker = {"kind": "generate", "wait": False,
+                   "request": {**GENERATE, "options": {"num_predict": 40}}}  # fmt: skip
+        await http.post("/jobs", json=blocker)
+        await fake.wait_until(lambda s: s["active"] == 1)
+        waited = await http.post(
+            "/api/generate",
+            json={**GENERATE, "prompt": "in time?"},
+            headers={"X-Corral-Timeout": "0.2"},
+        )
+        assert waited.status_code == 504
+        assert "timed out after 0.2s" in waited.json()["error"]
+        assert await _job_state(redis, waited.headers["x-corral-job-id"]) == "expired"
+        background = await http.post(
+            "/jobs",
+            json={"kind": "generate", "wait": False, "timeout": 0.1,
+                  "request": {**GENERATE, "prompt": "too late"}},
+        )  # fmt: skip
+        late = background.json()["id"]
+        await until(lambda: _job_state(redis, late), "expired", within=5)
+        view = (await http.get(f"/jobs/{late}")).json()
+        assert view["status"] == 408 and "expired" in view["error"]
+    assert {"in time?", "too late"}.isdisjoint(e["prompt"] for e in fake.stats()["started"])
+
+
+async def test_orphaned_jobs_are_cancelled_unless_wait_false(
+    start_cluster: StartCluster, redis: Redis, redis_url: str
+) -> None:
+    cluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=1, token_rate=100)],
+        gateway={"fleet_refresh": 0.2},
+        worker={"node_ttl": 1.0},
+    )
+    fake = cluster.nodes[0].fake.fake
+    port = free_port()
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "gateway", "--redis-url", redis_url,
+         "--port", str(port), "--fleet-refresh", "0.2"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            await until(lambda: _healthy(http), True, within=20)
+            slow = {**GENERATE, "prompt": "blocker", "options": {"num_predict": 150}}
+            blocker = {"kind": "generate", "wait": False, "request": slow}
+            await http.post("/jobs", json=blocker)
+            await fake.wait_until(lambda s: s["active"] == 1)
+            kept = await http.post(
+                "/jobs",
+                json={"kind": "generate", "wait": False, "request": {**GENERATE, "prompt": "kept"}},
+            )
+            waiting = asyncio.create_task(
+                http.post("/api/generate", json={**GENERATE, "prompt": "orphan"})
+            )
+            await until(lambda: redis.get(keys.queued_count("llama3:latest")), b"2")
+            doomed.kill()  # the gateway dies: its waiting client can never get an answer
+            await asyncio.wait([waiting])
+    finally:
+        doomed.kill()
+        doomed.wait(10)
+    kept_id = kept.json()["id"]
+    await until(lambda: _job_state(redis, kept_id), "done", within=10)
+    assert [e["prompt"] for e in fake.stats()["started"]] == ["blocker", "kept"]
+    assert await redis.hget(keys.STATS, "orphaned") == b"1"
+
+
+async def _healthy(http: httpx.AsyncClient) -> bool:
+    try:
+        return (await http.get("/healthz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def test_reply_stream_survives_losing_pubsub(cluster: LocalCluster, redis: Redis) -> None:
+    fake = cluster.nodes[0].fake.fake
+    fake.configure(token_rate=50)
+    words = " ".join(f"w{i}" for i in range(30))
+    body = {"model": "llama3", "prompt": words}
+    received: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, timeout=30) as http,
+        http.stream("POST", "/api/generate", json=body) as response,
+    ):
+        killed = False
+        async for line in response.aiter_lines():
+            received.append(line)
+            if len(received) == 5 and not killed:
+                await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+                killed = True
+    import json
+
+    parts = [json.loads(line) for line in received if line]
+    assert "".join(p.get("response", "") for p in parts) == f"echo: {words}"
+    assert [p["done"] for p in parts].count(True) == 1 and parts[-1]["done"]
+
+
+async def test_scheduler_failover(redis_url: str, redis: Redis) -> None:
+    command = [sys.executable, "-m", "corral.cli", "scheduler", "--redis-url", redis_url,
+               "--lease-ttl", "1", "--interval", "0.2", "--no-rq-worker"]  # fmt: skip
+    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        await until(lambda: _lease_pid(redis), first.pid, within=15)
+        second = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            await asyncio.sleep(0.5)  # let the second run a few passes as the stand-by
+            assert await _lease_pid(redis) == first.pid
+            killed_at = time.monotonic()
+            os.kill(first.pid, signal.SIGKILL)
+            await until(lambda: _lease_pid(redis), second.pid, within=5)
+            assert time.monotonic() - killed_at < 3
+        finally:
+            second.terminate()
+            second.wait(10)
+    finally:
+        first.kill()
+        first.wait(10)
+
+
+async def _lease_pid(redis: Redis) -> int | None:
+    holder = await redis.get(keys.SCHEDULER_LEASE)
+    return int(holder.decode().split("-")[-2]) if holder else None
+
+
+def _node_record(node_id: str) -> dict[str, Any]:
+    return {"node_id": node_id, "state": "running", "models": [{"name": "llama3:latest"}]}
+
+
+async def _ghost_claim(store: JobStore, redis: Redis, node_id: str) -> Any:
+    """Claim as a node that then dies at once: its heartbeat is already stale."""
+
+    async def claim() -> Any:
+        return await store.claim("llama3:latest", node_id)
+
+    claimed = None
+    async with asyncio.timeout(5):
+        while (claimed := await claim()) is None:  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.01)
+    await redis.zadd(keys.NODES, {node_id: time.time() - 3600})
+    return claimed
