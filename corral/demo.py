@@ -24,14 +24,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import httpx
 import ollama
-import redis
 from ollama import ProcessResponse
 
 from corral.keys import FINAL_STATES, JobState
@@ -163,16 +161,9 @@ class DemoFleet:
 
     @property
     def redis_url(self) -> str:
-        """The Redis URL the fleet's processes get.
-
-        For the embedded Redis it asks for RESP2: fakeredis answers ``redis.call`` inside
-        Lua in the caller's protocol, and under RESP3 an XREADGROUP comes back in a shape
-        real Redis never gives scripts, which breaks the claim script.
-        """
+        """The Redis URL the fleet's processes get (the embedded one's asks for RESP2)."""
         if self.redis is None:
             return ""
-        if isinstance(self.redis, EmbeddedRedis):
-            return f"{self.redis.url}?protocol=2"
         return self.redis.url
 
     @property
@@ -182,8 +173,6 @@ class DemoFleet:
     def start(self) -> None:
         self.redis = start_best_redis(prefer_real=not self.embedded_redis)
         print(f"  redis      {describe_redis(self.redis)}")
-        if isinstance(self.redis, EmbeddedRedis):
-            preload_scripts(self.redis.url)
         env = child_env(self.redis_url)
         for spec in NODES:
             self._start_node(spec, env)
@@ -259,22 +248,6 @@ class DemoFleet:
         for child in self.children:
             print(f"--- {child.name} (last lines of {child.log_path.name}) ---")
             print(child.tail())
-
-
-def preload_scripts(redis_url: str) -> None:
-    """Put Corral's Lua scripts in the embedded Redis's script cache before anyone runs one.
-
-    Its TCP server drops a connection right after any error reply, so redis-py's usual
-    EVALSHA, NOSCRIPT, EVAL fallback never gets to the EVAL: the first call of every
-    script would fail with "Connection closed by server". Loaded scripts never miss.
-    """
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for entry in resources.files("corral").joinpath("lua").iterdir():
-            if entry.name.endswith(".lua"):
-                client.script_load(entry.read_text(encoding="utf-8"))
-    finally:
-        client.close()
 
 
 def describe_redis(server: RedisProcess | EmbeddedRedis) -> str:

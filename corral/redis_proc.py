@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, Self
@@ -417,11 +418,30 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        # RESP2: fakeredis answers ``redis.call`` inside Lua in the caller's protocol, and
+        # under RESP3 an XREADGROUP comes back in a shape real Redis never gives scripts.
+        return f"redis://{HOST}:{self.port}/0?protocol=2"
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def preload_scripts(self) -> None:
+        """Put Corral's Lua scripts in the script cache before any process runs one.
+
+        fakeredis's TCP server drops a connection right after any error reply, so
+        redis-py's EVALSHA, NOSCRIPT, EVAL fallback never reaches the EVAL; loaded
+        scripts never miss.
+        """
+        import redis as redis_sync
+
+        client = redis_sync.Redis.from_url(self.url)
+        try:
+            for entry in resources.files("corral").joinpath("lua").iterdir():
+                if entry.name.endswith(".lua"):
+                    client.script_load(entry.read_text(encoding="utf-8"))
+        finally:
+            client.close()
 
     def start(self) -> Self:
         if self.running:
@@ -452,6 +472,7 @@ class EmbeddedRedis:
         except BaseException:
             self.stop()
             raise
+        self.preload_scripts()
         log.debug("embedded Redis ready at %s", self.url)
         return self
 

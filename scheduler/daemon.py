@@ -84,6 +84,7 @@ class Scheduler:
             await self.redis.zrem(keys.NODES, node_id)
             log.warning("node %s is dead: took back %d job(s)", node_id, count)
         await self.retries.drain()
+        await self.retries.release_due()
         await housekeeping.trim_acknowledged(self.redis, models)
         await housekeeping.prune_gateways(self.redis, self.settings.node_ttl)
         self.passes += 1

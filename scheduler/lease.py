@@ -10,20 +10,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from corral import keys
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+from corral.scripts import source
 
 
 class Lease:
@@ -31,8 +18,8 @@ class Lease:
         self.redis = redis
         self.holder = holder
         self.ttl_ms = int(ttl * 1000)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(source("lease_renew"))
+        self._release = redis.register_script(source("lease_release"))
         self.held = False
 
     async def acquire_or_renew(self) -> bool:

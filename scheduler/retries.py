@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from redis.asyncio import Redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
 
 from corral import keys
 
@@ -71,6 +75,31 @@ class RetryScheduler:
             await self.redis.lrem(PROCESSING, 1, job_id)
             scheduled += 1
         return scheduled
+
+    async def release_due(self) -> int:
+        """Move retries whose backoff has passed from RQ's scheduled registry to its queue.
+
+        The active scheduler does this itself (its lease makes it the only one) rather
+        than relying on the RQ worker's scheduler, whose lock outlives a killed holder by
+        a minute. Enqueue and removal go in one transaction, so a retry is neither lost
+        nor run twice.
+        """
+        return await asyncio.to_thread(self._release_due)
+
+    def _release_due(self) -> int:
+        registry = ScheduledJobRegistry(queue=self.queue)  # type: ignore[no-untyped-call]
+        due = registry.get_jobs_to_schedule(int(time.time()))
+        for job_id in due:
+            try:
+                job = Job.fetch(job_id, connection=self.queue.connection)
+            except NoSuchJobError:
+                registry.remove(job_id)
+                continue
+            with self.queue.connection.pipeline() as pipe:
+                self.queue.enqueue_job(job, pipeline=pipe)
+                registry.remove(job, pipeline=pipe)
+                pipe.execute()
+        return len(due)
 
     async def _schedule(self, job_id: str) -> None:
         model, attempts = await self.redis.hmget(keys.job(job_id), "model", "attempts")

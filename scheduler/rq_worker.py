@@ -1,8 +1,8 @@
 """The RQ worker that runs retry jobs (``python -m scheduler.rq_worker --redis-url ...``).
 
 ``corral scheduler`` starts one as a child process and stops it with SIGTERM (RQ's warm
-shutdown: the job in hand finishes first). Its built-in RQ scheduler moves retries whose
-backoff has passed onto the queue.
+shutdown: the job in hand finishes first). It runs without RQ's own scheduler: the active
+``corral scheduler`` moves retries whose backoff has passed onto the queue itself.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     connection = Redis.from_url(args.redis_url)
     queue = Queue(keys.RETRY_QUEUE, connection=connection)
     worker = SimpleWorker([queue], connection=connection)
-    worker.work(with_scheduler=True, logging_level=args.log_level.upper())
+    worker.work(with_scheduler=False, logging_level=args.log_level.upper())
     return 0
 
 

@@ -156,7 +156,7 @@ def embedded() -> Iterator[EmbeddedRedis]:
 
 def test_embedded_ping(embedded: EmbeddedRedis) -> None:
     assert embedded.running
-    assert embedded.url == f"redis://127.0.0.1:{embedded.port}/0"
+    assert embedded.url == f"redis://127.0.0.1:{embedded.port}/0?protocol=2"
     r = client(embedded.url)
     try:
         assert r.ping() is True

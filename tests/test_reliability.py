@@ -93,8 +93,12 @@ async def test_dead_letter_after_attempts_then_requeue_completes(
     registry = FailedJobRegistry(
         queue=Queue(keys.RETRY_QUEUE, connection=SyncRedis.from_url(redis_url))
     )
+
+    async def dead_letters() -> int:
+        return len(await asyncio.to_thread(registry.get_job_ids))
+
+    await until(dead_letters, 1)  # RQ files it just after the client heard of it
     letters = registry.get_job_ids()
-    assert len(letters) == 1
     from rq.job import Job
 
     letter = Job.fetch(letters[0], connection=registry.connection)

@@ -1,0 +1,1042 @@
+"""Chaos test: kill things while jobs flow, then account for every job.
+
+    python bench/chaos.py                 # 2,000 jobs, a kill every few seconds
+    python bench/chaos.py --short         # CI-sized (under 2 minutes), each kind of kill once
+    python bench/chaos.py --jobs 5000 --seed 7 --json out.json
+
+The promise under test: every accepted job ends done, failed with a reason, cancelled,
+expired or dead-lettered -- never lost, never answered twice.
+
+It starts Redis (AOF on, ``appendfsync everysec``), fake Ollama nodes with a worker each,
+one gateway and two schedulers (one active, one standing by), every one its own process
+with short liveness settings. Concurrent clients submit jobs with unique prompts (the fake
+answers ``"echo: " + prompt``, so every answer can be checked): waiting clients on
+``/api/generate``, streaming and not, and ``POST /jobs`` with ``wait: false`` polled
+through ``GET /jobs/{id}``. Meanwhile a random worker is SIGKILLed every few seconds and
+restarted under the same node id, the gateway is SIGKILLed and restarted once, the
+active scheduler (with its RQ worker) is SIGKILLed and restarted once, and Redis is
+restarted once (gracefully, so its AOF keeps everything).
+
+After a drain period every job is reconciled: what its client got against its record in
+Redis (``corral:job:<id>``), the fakes' start logs and the workers' logs.
+
+* ``lost``: an accepted job (its client got an id, or a record exists for its prompt)
+  with no record or a non-final state at the end, or a waiting client that never got any
+  answer although its gateway stayed up (the client hung until the drain deadline).
+* ``duplicated``: a job answered twice: a stream with two final lines or its text twice,
+  two job records for one request, or more settlements counted in ``corral:stats`` than
+  jobs that ended.
+* ``wrong``: an answer (to the client or in the record) that is not ``"echo: " + prompt``,
+  or a client told one outcome while the record says another.
+* ``re_executed`` (reported, not a failure): jobs whose generation ran to completion on
+  two nodes while the record settled once (the second completion was discarded).
+
+The last line printed is ``lost=N duplicated=M wrong=W ...`` with the counts per final
+state; the exit status is 1 when lost, duplicated or wrong is non-zero. The logs of every
+process stay in a temporary directory whose path is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import inspect
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from redis.asyncio import Redis
+
+from corral import keys
+from corral.redis_proc import RedisProcess, free_port
+
+MODEL = "chaos:latest"
+FINAL = {s.value for s in keys.FINAL_STATES}
+WORDS = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+    "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo",
+    "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu",
+)  # fmt: skip
+DONE_LINE = re.compile(rb"job ([0-9a-f]{32}) done in")
+
+
+# -- settings ------------------------------------------------------------------------
+
+
+@dataclass
+class Profile:
+    jobs: int
+    nodes: int = 4
+    slots: int = 3
+    token_rate: float = 40.0
+    concurrency: int = 48
+    async_share: float = 0.2
+    """Share of jobs sent as ``POST /jobs`` with ``wait: false`` (then polled)."""
+    stream_share: float = 0.55
+    """Of the waiting clients, the share that stream."""
+    fail_rate: float = 0.03
+    """Injected retriable 500s on the fakes, so retries go through RQ."""
+    kill_every: tuple[float, float] = (3.0, 6.0)
+    restart_after: tuple[float, float] = (0.3, 3.5)
+    gateway_at: float = 0.3
+    scheduler_at: float = 0.5
+    redis_at: float = 0.7
+    """Fractions of the jobs submitted at which the one-off kills happen."""
+    drain_s: float = 90.0
+    limit_s: float = 1200.0
+
+
+FULL = Profile(jobs=2000)
+SHORT = Profile(
+    jobs=360,
+    concurrency=32,
+    kill_every=(2.5, 4.0),
+    gateway_at=0.25,
+    scheduler_at=0.5,
+    redis_at=0.7,
+    drain_s=30.0,
+    limit_s=115.0,
+)
+
+NODE_TTL = 2.0
+COMMON = [
+    "--node-ttl", str(NODE_TTL),
+    "--log-level", "INFO",
+    # Long record TTLs so that every record is still there to audit at the end.
+    "--job-ttl", "7200",
+    "--result-ttl", "7200",
+]  # fmt: skip
+WORKER = ["--heartbeat-interval", "0.5", "--drain-timeout", "2"]
+GATEWAY = ["--fleet-refresh", "0.5"]
+SCHEDULER = [
+    "--interval", "0.2", "--lease-ttl", "2",
+    "--max-attempts", "2", "--retry-base", "0.5", "--retry-cap", "2",
+]  # fmt: skip
+
+
+# -- child processes -------------------------------------------------------------------
+
+_CHILDREN: list[Child] = []
+
+
+def _child_env() -> dict[str, str]:
+    # Settings come from our flags only: drop CORRAL_* / OLLAMA_* from the caller's shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "OLLAMA_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Child:
+    """One process (in its own session, so a kill takes its children too) and its log.
+
+    Every incarnation of a name appends to the same log, after a marker line.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, t0: float) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        with self.log_path.open("ab") as log:
+            stamp = f"{time.time() - t0:.3f}"
+            log.write(f"===== chaos: starting {name} at t={stamp}s =====\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        self.started = time.monotonic()
+        _CHILDREN.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash of its host would."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=10)
+
+    def terminate(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+
+    def wait_or_kill(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=max(timeout, 0.05))
+        self.kill()  # the rest of its group (an RQ worker child) goes too
+
+
+def kill_all_children() -> None:
+    for child in _CHILDREN:
+        child.kill()
+
+
+def corral(*args: str) -> list[str]:
+    return [sys.executable, "-m", "corral.cli", *args]
+
+
+# -- what each client saw ----------------------------------------------------------------
+
+
+@dataclass
+class ClientJob:
+    index: int
+    mode: str  # "stream", "single" (waiting, stream: false) or "async" (wait: false, polled)
+    prompt: str
+    priority: int
+    job_id: str | None = None
+    outcome: str = "pending"
+    """answer | error | http_error | conn_lost | truncated | hung | not_sent"""
+    status: int | None = None
+    error: str | None = None
+    text: str = ""
+    done_lines: int = 0
+    error_lines: int = 0
+    connect_retries: int = 0
+    gateway_gen: int = -1
+    sent_at: float = 0.0
+    ended_at: float = 0.0
+    polled_state: str | None = None
+
+    @property
+    def expected(self) -> str:
+        return f"echo: {self.prompt}"
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+class Chaos:
+    def __init__(self, profile: Profile, seed: int, log_dir: Path) -> None:
+        self.p = profile
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.log_dir = log_dir
+        self.t0 = time.time()
+        self.events: list[dict[str, Any]] = []
+        self.redis: RedisProcess | None = None
+        self.fakes: dict[str, tuple[Child, str]] = {}
+        self.workers: dict[str, Child] = {}
+        self.gateway: Child | None = None
+        self.gateway_port = free_port()
+        self.gateway_gen = 0
+        self.gateway_down = False
+        self.schedulers: dict[str, Child] = {}
+        self.jobs: list[ClientJob] = []
+        self.submitted = 0
+        self.submitting = True
+        self.kills = collections.Counter[str]()
+        self.client_deadline = 0.0
+        self.hard_deadline = 0.0
+        self.snapshot: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}
+        self.nodes_down: set[str] = set()
+
+    # -- helpers
+
+    def now(self) -> float:
+        return time.time() - self.t0
+
+    def event(self, kind: str, **detail: Any) -> None:
+        entry = {"t": round(self.now(), 3), "kind": kind, **detail}
+        self.events.append(entry)
+        extra = " ".join(f"{k}={v}" for k, v in detail.items())
+        print(f"[{entry['t']:8.2f}s] {kind} {extra}", flush=True)
+
+    @property
+    def redis_url(self) -> str:
+        assert self.redis is not None
+        return self.redis.url
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def client(self) -> Redis:
+        return Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+    async def until(self, check: Any, within: float, what: str) -> None:
+        deadline = time.monotonic() + within
+        while True:
+            with contextlib.suppress(Exception):
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready after {within:g}s (logs: {self.log_dir})")
+            await asyncio.sleep(0.1)
+
+    # -- fleet
+
+    async def start_fleet(self) -> None:
+        self.redis = RedisProcess(
+            appendonly=True,
+            extra_args=["--logfile", str(self.log_dir / "redis.log"), "--maxclients", "10000"],
+        )
+        await asyncio.to_thread(self.redis.start)
+        self.event("redis started", url=self.redis_url, dir=str(self.redis.dir))
+        for n in range(1, self.p.nodes + 1):
+            node = f"n{n}"
+            port = free_port()
+            argv = corral(
+                "fake-ollama", "--port", str(port), "--models", MODEL, "--preload", MODEL,
+                "--num-parallel", str(self.p.slots), "--token-rate", str(self.p.token_rate),
+                "--fail-rate", str(self.p.fail_rate), "--seed", str(self.seed * 100 + n),
+                "--max-queue", "1024",
+            )  # fmt: skip
+            self.fakes[node] = (Child(f"fake-{node}", argv, self.log_dir, self.t0), port)
+        for node, (_, port) in self.fakes.items():
+            await self.until(
+                lambda port=port: _http_ok(f"http://127.0.0.1:{port}/api/version"),
+                30,
+                f"fake {node}",
+            )
+        for node in self.fakes:
+            self.start_worker(node)
+        for name in ("a", "b"):
+            self.start_scheduler(name)
+        self.start_gateway()
+        async with self.client() as r:
+            await self.until(
+                lambda: _count_nodes(r, self.p.nodes), 30, f"{self.p.nodes} worker heartbeats"
+            )
+            await self.until(lambda: r.exists(keys.SCHEDULER_LEASE), 30, "a scheduler lease")
+        await self.wait_gateway()
+        self.event("fleet ready", nodes=self.p.nodes, slots=self.p.slots, logs=str(self.log_dir))
+
+    def start_worker(self, node: str) -> None:
+        port = self.fakes[node][1]
+        argv = corral(
+            "worker", "--redis-url", self.redis_url, "--ollama-url", f"http://127.0.0.1:{port}",
+            "--node-id", node, "--num-parallel", str(self.p.slots), *COMMON, *WORKER,
+        )  # fmt: skip
+        self.workers[node] = Child(f"worker-{node}", argv, self.log_dir, self.t0)
+
+    def start_scheduler(self, name: str) -> None:
+        argv = corral("scheduler", "--redis-url", self.redis_url, *COMMON, *SCHEDULER)
+        self.schedulers[name] = Child(f"scheduler-{name}", argv, self.log_dir, self.t0)
+
+    def start_gateway(self) -> None:
+        argv = corral(
+            "gateway", "--redis-url", self.redis_url, "--port", str(self.gateway_port),
+            *COMMON, *GATEWAY,
+        )  # fmt: skip
+        self.gateway = Child("gateway", argv, self.log_dir, self.t0)
+
+    async def wait_gateway(self) -> None:
+        url = self.gateway_url + "/healthz"
+
+        async def healthy() -> bool:
+            raw = await asyncio.to_thread(_http_ok, url)
+            return bool(raw) and orjson.loads(raw).get("nodes", 0) >= 1
+
+        await self.until(healthy, 30, "gateway")
+
+    def stop_fleet(self) -> None:
+        # Gracefully first (so logs end cleanly), then SIGKILL whatever is left of each group.
+        groups = [
+            [c for c in [self.gateway] if c is not None],
+            list(self.workers.values()) + list(self.schedulers.values()),
+            [fake for fake, _ in self.fakes.values()],
+        ]
+        for group in groups:
+            for child in group:
+                child.terminate()
+            deadline = time.monotonic() + 8
+            for child in group:
+                child.wait_or_kill(deadline - time.monotonic())
+        kill_all_children()
+        if self.redis is not None:
+            self.redis.stop()
+
+    # -- chaos
+
+    async def chaos(self) -> None:
+        """Worker kills on a timer; the one-off kills at fractions of the jobs submitted."""
+        one_offs = [
+            (self.p.gateway_at, self.kill_gateway),
+            (self.p.scheduler_at, self.kill_scheduler),
+            (self.p.redis_at, self.restart_redis),
+        ]
+        next_worker_kill = time.monotonic() + self.rng.uniform(*self.p.kill_every)
+        restarts: set[asyncio.Task[None]] = set()
+        while self.submitting or one_offs:
+            progress = self.submitted / self.p.jobs
+            if one_offs and (progress >= one_offs[0][0] or not self.submitting):
+                _, action = one_offs.pop(0)
+                await action()
+                continue
+            if self.submitting and time.monotonic() >= next_worker_kill:
+                task = asyncio.create_task(self.kill_worker())
+                restarts.add(task)
+                task.add_done_callback(restarts.discard)
+                next_worker_kill = time.monotonic() + self.rng.uniform(*self.p.kill_every)
+            await asyncio.sleep(0.05)
+        if restarts:
+            await asyncio.wait(restarts)
+
+    async def kill_worker(self) -> None:
+        up = sorted(set(self.workers) - self.nodes_down)
+        if not up:
+            return
+        node = self.rng.choice(up)
+        self.nodes_down.add(node)
+        child = self.workers[node]
+        delay = self.rng.uniform(*self.p.restart_after)
+        running: list[str] = []
+        with contextlib.suppress(Exception):
+            async with self.client() as r:
+                raw = await r.get(keys.node(node))
+                running = list(orjson.loads(raw).get("running", [])) if raw else []
+        await asyncio.to_thread(child.kill)
+        self.kills["worker"] += 1
+        self.event(
+            "SIGKILL worker", node=node, pid=child.pid, running=len(running),
+            restart_in=f"{delay:.2f}s", before_node_ttl=delay < NODE_TTL,
+            jobs=",".join(j[:8] for j in running),
+        )  # fmt: skip
+        await asyncio.sleep(delay)
+        self.start_worker(node)
+        self.nodes_down.discard(node)
+        self.event("worker restarted", node=node, pid=self.workers[node].pid)
+
+    async def kill_gateway(self) -> None:
+        assert self.gateway is not None
+        old = self.gateway
+        self.gateway_down = True
+        self.gateway_gen += 1
+        await asyncio.to_thread(old.kill)
+        self.kills["gateway"] += 1
+        self.event("SIGKILL gateway", pid=old.pid)
+        await asyncio.sleep(1.0)
+        self.start_gateway()
+        await self.wait_gateway()
+        self.gateway_down = False
+        self.event("gateway restarted", pid=self.gateway.pid)
+
+    async def kill_scheduler(self) -> None:
+        async with self.client() as r:
+            holder = await r.get(keys.SCHEDULER_LEASE)
+        if holder is None:
+            self.event("no scheduler holds the lease; killing none")
+            return
+        pid = int(holder.decode().split("-")[-2])
+        name = next((n for n, c in self.schedulers.items() if c.pid == pid), None)
+        if name is None:
+            self.event("lease holder is not one of ours", holder=holder.decode())
+            return
+        child = self.schedulers[name]
+        await asyncio.to_thread(child.kill)  # the whole group: its RQ worker child dies too
+        self.kills["scheduler"] += 1
+        self.event("SIGKILL active scheduler (and its RQ worker)", name=name, pid=pid)
+        await asyncio.sleep(1.0)
+        self.start_scheduler(name)
+        self.event("scheduler restarted", name=name, pid=self.schedulers[name].pid)
+
+    async def restart_redis(self) -> None:
+        assert self.redis is not None
+        started = time.monotonic()
+        self.event("restarting redis (graceful, AOF)")
+        await asyncio.to_thread(self.redis.restart)
+        self.kills["redis"] += 1
+        self.event("redis back", down_s=f"{time.monotonic() - started:.2f}")
+
+    # -- clients
+
+    async def submit_all(self) -> None:
+        slots = asyncio.Semaphore(self.p.concurrency)
+        tasks: list[asyncio.Task[None]] = []
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.p.concurrency)
+        timeout = httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+            try:
+                for index in range(self.p.jobs):
+                    if time.monotonic() > self.client_deadline - self.p.drain_s:
+                        self.event("time limit: stopping submissions", submitted=index)
+                        break
+                    job = self.new_job(index)
+                    self.jobs.append(job)
+                    await slots.acquire()
+                    self.submitted += 1
+                    tasks.append(asyncio.create_task(self.run_client(http, job, slots)))
+            finally:
+                self.submitting = False
+            self.event("all submitted", jobs=len(self.jobs))
+            await self.drain(tasks)
+
+    def new_job(self, index: int) -> ClientJob:
+        words = [self.rng.choice(WORDS) for _ in range(self.rng.randint(3, 14))]
+        prompt = f"s{self.seed} job{index} " + " ".join(words)
+        roll = self.rng.random()
+        if roll < self.p.async_share:
+            mode = "async"
+        elif self.rng.random() < self.p.stream_share:
+            mode = "stream"
+        else:
+            mode = "single"
+        return ClientJob(index, mode, prompt, self.rng.choice((2, 5, 5, 7)))
+
+    async def run_client(
+        self, http: httpx.AsyncClient, job: ClientJob, slots: asyncio.Semaphore
+    ) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                slots.release()
+
+        try:
+            if job.mode == "async":
+                await self.submit_async(http, job)
+                release()
+                if job.job_id:
+                    await self.poll(http, job)
+            else:
+                await self.wait_for_answer(http, job)
+        except asyncio.CancelledError:
+            if job.outcome == "pending":
+                job.outcome = "hung"
+            raise
+        finally:
+            job.ended_at = job.ended_at or self.now()
+            release()
+
+    async def _send(self, make: Any, job: ClientJob) -> Any:
+        """Connect errors (nothing was sent: the gateway is down) are retried; others are not."""
+        while True:
+            job.sent_at = self.now()
+            job.gateway_gen = self.gateway_gen
+            try:
+                return await make()
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                job.connect_retries += 1
+                if time.monotonic() > self.client_deadline:
+                    job.outcome = "not_sent"
+                    return None
+                await asyncio.sleep(0.2)
+
+    def _why_lost(self) -> str:
+        return "(gateway killed) " if self.gateway_down else ""
+
+    async def wait_for_answer(self, http: httpx.AsyncClient, job: ClientJob) -> None:
+        body = {"model": MODEL, "prompt": job.prompt, "stream": job.mode == "stream"}
+        headers = {"x-corral-priority": str(job.priority)}
+        url = self.gateway_url + "/api/generate"
+
+        async def attempt() -> bool:
+            async with http.stream("POST", url, json=body, headers=headers) as resp:
+                job.job_id = resp.headers.get("x-corral-job-id")
+                job.status = resp.status_code
+                if resp.status_code != 200:
+                    raw = await resp.aread()
+                    job.outcome = "http_error"
+                    job.error = _error_text(raw)
+                    return True
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    obj = orjson.loads(line)
+                    if "error" in obj:
+                        job.error_lines += 1
+                        job.error = str(obj["error"])
+                    else:
+                        job.text += str(obj.get("response", ""))
+                        job.done_lines += bool(obj.get("done"))
+            if job.done_lines:
+                job.outcome = "answer"
+            elif job.error_lines:
+                job.outcome = "error"
+            else:
+                job.outcome = "truncated"
+            return True
+
+        try:
+            await self._send(attempt, job)
+        except httpx.TransportError as exc:
+            job.outcome = "conn_lost"
+            job.error = f"{self._why_lost()}{type(exc).__name__}: {exc}"
+        except orjson.JSONDecodeError as exc:
+            job.outcome = "garbled"
+            job.error = str(exc)
+        job.ended_at = self.now()
+
+    async def submit_async(self, http: httpx.AsyncClient, job: ClientJob) -> None:
+        body = {
+            "kind": "generate",
+            "request": {"model": MODEL, "prompt": job.prompt, "stream": False},
+            "priority": job.priority,
+            "wait": False,
+        }
+        try:
+            resp = await self._send(lambda: http.post(self.gateway_url + "/jobs", json=body), job)
+        except httpx.TransportError as exc:
+            job.outcome = "conn_lost"
+            job.error = f"{self._why_lost()}{type(exc).__name__}: {exc}"
+            return
+        if resp is None:
+            return
+        job.status = resp.status_code
+        if resp.status_code != 202:
+            job.outcome = "http_error"
+            job.error = _error_text(resp.content)
+            return
+        job.job_id = str(resp.json()["id"])
+
+    async def poll(self, http: httpx.AsyncClient, job: ClientJob) -> None:
+        interval = 0.3
+        while True:
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 2.0)
+            try:
+                resp = await http.get(f"{self.gateway_url}/jobs/{job.job_id}")
+            except httpx.TransportError:
+                continue  # gateway down: ask again
+            if resp.status_code == 404:
+                job.polled_state = "not found"
+                continue
+            if resp.status_code != 200:
+                continue  # 503 while Redis restarts
+            view = resp.json()
+            job.polled_state = view.get("state")
+            if job.polled_state in FINAL:
+                if job.polled_state == "done":
+                    job.outcome = "answer"
+                    job.done_lines = 1
+                    job.text = str((view.get("result") or {}).get("response", ""))
+                else:
+                    job.outcome = "error"
+                    job.status = view.get("status")
+                    job.error = view.get("error")
+                job.ended_at = self.now()
+                return
+
+    async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait (with a deadline) for every client to finish and every record to end."""
+        started = time.monotonic()
+        pending = {t for t in tasks if not t.done()}
+        while pending and time.monotonic() < self.client_deadline:
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+        unfinished = await self._unfinished_records()
+        while unfinished and time.monotonic() < self.client_deadline:
+            await asyncio.sleep(0.5)
+            unfinished = await self._unfinished_records()
+        self.event(
+            "drain over", waited_s=f"{time.monotonic() - started:.1f}",
+            clients_still_waiting=len(pending), records_not_final=unfinished,
+        )  # fmt: skip
+        # Snapshot before the hung clients go away (their leaving would cancel their jobs).
+        self.snapshot = await self.read_state()
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _unfinished_records(self) -> int:
+        with contextlib.suppress(Exception):
+            async with self.client() as r:
+                count = 0
+                async for key in r.scan_iter(match=keys.job("*"), count=1000):
+                    state = await r.hget(key, "state")
+                    count += state is not None and state.decode() not in FINAL
+                return count
+        return -1
+
+    # -- reading the outcome
+
+    async def read_state(self) -> dict[str, Any]:
+        async with self.client() as r:
+            records: dict[str, dict[str, Any]] = {}
+            names = [k async for k in r.scan_iter(match=keys.job("*"), count=1000)]
+            async with r.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(name)
+                raw = await pipe.execute()
+            for name, fields in zip(names, raw, strict=True):
+                rec = {k.decode(): v for k, v in fields.items()}
+                records[name.decode().rsplit(":", 1)[1]] = rec
+            stats = {k.decode(): int(v) for k, v in (await r.hgetall(keys.STATS)).items()}
+            nodes = {}
+            for node in self.workers:
+                raw_node = await r.get(keys.node(node))
+                nodes[node] = orjson.loads(raw_node) if raw_node else None
+            pending: dict[str, list[Any]] = {}
+            for priority in keys.PRIORITIES:
+                stream = keys.stream(MODEL, priority)
+                if await r.exists(stream):
+                    rows = await r.xpending_range(stream, keys.GROUP, min="-", max="+", count=10000)
+                    for row in rows:
+                        pending.setdefault(_text(row["consumer"]), []).append(
+                            _text(row["message_id"])
+                        )
+            retry_inbox = await r.llen(keys.RETRY_INBOX)
+            scheduled = await r.zcard("rq:scheduled:" + keys.RETRY_QUEUE)
+        started: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+        for node, (_, port) in self.fakes.items():
+            raw_stats = await asyncio.to_thread(_http_ok, f"http://127.0.0.1:{port}/_fake/stats")
+            for entry in orjson.loads(raw_stats or b"{}").get("started", []):
+                started[entry["prompt"]].append((node, round(entry["t"] - self.t0, 3)))
+        return {
+            "records": records,
+            "stats": stats,
+            "nodes": nodes,
+            "pending": pending,
+            "retry_inbox": retry_inbox,
+            "rq_scheduled": scheduled,
+            "started": started,
+        }
+
+
+# -- reconciliation ----------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    duplicated: list[dict[str, Any]] = field(default_factory=list)
+    wrong: list[dict[str, Any]] = field(default_factory=list)
+    re_executed: list[dict[str, Any]] = field(default_factory=list)
+    states: collections.Counter[str] = field(default_factory=collections.Counter)
+    clients: collections.Counter[str] = field(default_factory=collections.Counter)
+    client_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    accepted: int = 0
+    not_accepted: int = 0
+    settle_check: dict[str, int] = field(default_factory=dict)
+
+
+def reconcile(run: Chaos) -> Verdict:
+    snap = run.snapshot
+    records: dict[str, dict[str, Any]] = snap["records"]
+    by_prompt: dict[str, list[str]] = collections.defaultdict(list)
+    for job_id, rec in records.items():
+        with contextlib.suppress(Exception):
+            by_prompt[orjson.loads(rec["req"])["prompt"]].append(job_id)
+    completions = _completions_in_logs(run.log_dir)
+    v = Verdict()
+    for job in run.jobs:
+        v.clients[f"{job.mode}:{job.outcome}"] += 1
+        if job.outcome not in ("answer", "pending"):
+            v.client_errors[_error_kind(job)] += 1
+        ids = by_prompt.get(job.prompt, [])
+        job_id = job.job_id or (ids[0] if ids else None)
+        rec = records.get(job_id) if job_id else None
+        accepted = job.job_id is not None or bool(ids)
+        if not accepted:
+            v.not_accepted += 1
+            continue
+        v.accepted += 1
+        state = _text(rec["state"]) if rec else "(no record)"
+        v.states[state] += 1
+        case = {"index": job.index, "job": job_id, "mode": job.mode, "state": state}
+        if len(ids) > 1:
+            v.duplicated.append({**case, "why": f"{len(ids)} job records for one request"})
+        if rec is None or state not in FINAL:
+            why = "no record" if rec is None else f"still {state} at the end"
+            v.lost.append({**case, "why": why})
+        elif job.outcome == "hung":
+            v.lost.append({**case, "why": f"client never answered (record {state})"})
+        # What the client got.
+        if job.done_lines > 1 or (job.done_lines and job.error_lines):
+            v.duplicated.append(
+                {**case, "why": f"client got {job.done_lines} done + {job.error_lines} error"}
+            )
+        elif job.outcome == "answer" and job.text != job.expected:
+            twice = job.text.count(job.expected) > 1 or len(job.text) > len(job.expected)
+            target = v.duplicated if twice else v.wrong
+            target.append({**case, "why": f"client text {job.text!r}"})
+        elif job.text and not job.expected.startswith(job.text):
+            v.wrong.append({**case, "why": f"partial text not a prefix: {job.text!r}"})
+        # What the record says, and whether it agrees with the client.
+        if rec is not None and state == "done":
+            result = orjson.loads(rec.get("result") or b"{}")
+            if result.get("response") != job.expected:
+                v.wrong.append({**case, "why": f"record result {result.get('response')!r}"})
+        if job.outcome == "answer" and rec is not None and state != "done":
+            v.wrong.append({**case, "why": f"client got the answer but the record is {state}"})
+        if job.outcome in ("error", "http_error") and state == "done" and job.status != 499:
+            v.wrong.append({**case, "why": f"client got {job.status} {job.error!r}, record done"})
+        done_count = completions.get(job_id or "", 0)
+        if done_count > 1:
+            v.re_executed.append({**case, "why": f"completed {done_count} times in worker logs"})
+    known = {p for p in by_prompt}.difference(j.prompt for j in run.jobs)
+    for prompt in known:
+        v.lost.append({"job": by_prompt[prompt][0], "why": "a record no client asked for"})
+    stats = snap["stats"]
+    settled = sum(stats.get(k, 0) for k in ("done", "failed", "cancelled", "expired", "dead"))
+    settled += stats.get("orphaned", 0)
+    final_records = sum(1 for r in records.values() if _text(r.get("state")) in FINAL)
+    v.settle_check = {"settlements_counted": settled, "final_records": final_records}
+    if settled > final_records:
+        v.duplicated.append(
+            {"job": None, "why": f"{settled} settlements counted for {final_records} final jobs"}
+        )
+    return v
+
+
+def _completions_in_logs(log_dir: Path) -> collections.Counter[str]:
+    """How many times each job's generation ran to completion on a worker (its INFO log)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for path in log_dir.glob("worker-*.log"):
+        for match in DONE_LINE.finditer(path.read_bytes()):
+            counts[match.group(1).decode()] += 1
+    return counts
+
+
+def _error_kind(job: ClientJob) -> str:
+    text = (job.error or "").lower()
+    if job.outcome in ("conn_lost", "not_sent", "hung", "truncated", "garbled"):
+        killed = " (gateway killed)" if text.startswith("(gateway killed)") else ""
+        return f"{job.outcome}{killed}"
+    for needle, kind in (
+        ("orphan", "orphaned"),
+        ("gave up", "dead-lettered"),
+        ("after part of the answer", "node died mid-stream"),
+        ("stopped in the middle", "node stopped mid-stream"),
+        ("queue is unavailable", "redis unavailable (503)"),
+        ("not found", "model not found (404)"),
+        ("timed out", "timed out"),
+        ("expired", "expired"),
+        ("cancel", "cancelled"),
+    ):
+        if needle in text:
+            return kind
+    return f"{job.outcome} {job.status}: {text[:60]}"
+
+
+# -- evidence for each bad job -------------------------------------------------------------
+
+
+def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
+    job_id = case.get("job")
+    lines = [f"- job {job_id} ({case.get('mode', '?')}): {case['why']}"]
+    if not job_id:
+        return lines
+    rec = run.snapshot["records"].get(job_id)
+    if rec:
+        t = lambda name: _rel(rec.get(name), run.t0)  # noqa: E731
+        lines.append(
+            f"    record: state={_text(rec.get('state'))} node={_text(rec.get('node'))} "
+            f"attempts={_text(rec.get('attempts'))} entry={_text(rec.get('entry'))} "
+            f"created={t('created')} started={t('started')} finished={t('finished')} "
+            f"requeued={t('requeued')} error={_text(rec.get('error'))!r}"
+        )
+        for line in _text(rec.get("history") or b"").splitlines():
+            lines.append(f"    history: {line}")
+        prompt = orjson.loads(rec["req"]).get("prompt", "")
+        for node, at in run.snapshot["started"].get(prompt, []):
+            lines.append(f"    fake {node} started it at t={at}s")
+        node = _text(rec.get("node"))
+        if node and _text(rec.get("state")) == "running":
+            now_running = (run.snapshot["nodes"].get(node) or {}).get("running", [])
+            pending = run.snapshot["pending"].get(node, [])
+            lines.append(
+                f"    node {node} now runs {len(now_running)} job(s), this one "
+                f"{'among them' if job_id in now_running else 'NOT among them'}; its entry "
+                f"{'is' if _text(rec.get('entry')) in pending else 'is not'} pending under {node}"
+            )
+            kills = [e for e in run.events if e.get("node") == node and "SIGKILL" in e["kind"]]
+            started = float(_text(rec.get("started")) or 0) - run.t0
+            for kill in kills:
+                if kill["t"] >= started:
+                    lines.append(
+                        f"    {node} was SIGKILLed at t={kill['t']}s (restart in "
+                        f"{kill['restart_in']}, before node ttl: {kill['before_node_ttl']})"
+                    )
+                    break
+    for path in sorted(run.log_dir.glob("*.log")):
+        with contextlib.suppress(OSError):
+            for raw in path.read_bytes().splitlines():
+                if job_id.encode() in raw:
+                    lines.append(f"    {path.stem}: {raw.decode(errors='replace')[:220]}")
+    return lines
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def _http_ok(url: str) -> bytes | None:
+    try:
+        with httpx.Client(timeout=2.0) as http:
+            resp = http.get(url)
+            return resp.content if resp.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+async def _count_nodes(r: Redis, wanted: int) -> bool:
+    return int(await r.zcard(keys.NODES)) >= wanted
+
+
+def _error_text(raw: bytes) -> str:
+    try:
+        return str(orjson.loads(raw).get("error"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return raw[:200].decode(errors="replace")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _rel(value: Any, t0: float) -> str:
+    text = _text(value)
+    try:
+        return f"{float(text) - t0:.2f}s"
+    except ValueError:
+        return "-"
+
+
+def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str, Any]]:
+    snap = run.snapshot
+    out = [
+        "",
+        "== chaos result ==",
+        f"jobs: {len(run.jobs)} submitted, {v.accepted} accepted, {v.not_accepted} not accepted "
+        f"(refused before enqueue); wall {wall:.1f}s",
+        "kills: " + ", ".join(f"{k} x{n}" for k, n in sorted(run.kills.items())),
+        "final states: " + ", ".join(f"{k}={n}" for k, n in sorted(v.states.items())),
+        "clients: " + ", ".join(f"{k}={n}" for k, n in sorted(v.clients.items())),
+        "client errors by kind: "
+        + (", ".join(f"{k}={n}" for k, n in v.client_errors.most_common()) or "none"),
+        f"stats: {snap['stats']}",
+        f"settlement check: {v.settle_check}; retry inbox {snap['retry_inbox']}, "
+        f"RQ scheduled {snap['rq_scheduled']}, pending entries "
+        f"{ {k: len(x) for k, x in snap['pending'].items()} }",
+        f"re-executed (completed twice, answered once): {len(v.re_executed)}",
+        f"logs: {run.log_dir}",
+    ]
+    for title, cases in (
+        ("LOST", v.lost),
+        ("DUPLICATED", v.duplicated),
+        ("WRONG", v.wrong),
+        ("re-executed", v.re_executed),
+    ):
+        if cases:
+            out.append(f"-- {title}: {len(cases)} --")
+            for case in cases[:12]:
+                out.extend(explain(run, case))
+            if len(cases) > 12:
+                out.append(f"  ... and {len(cases) - 12} more (see --json)")
+    counts = " ".join(f"{s}={v.states.get(s, 0)}" for s in ("done", "failed", "cancelled",
+                                                             "expired", "dead"))  # fmt: skip
+    out.append(
+        f"lost={len(v.lost)} duplicated={len(v.duplicated)} wrong={len(v.wrong)} {counts} "
+        f"re_executed={len(v.re_executed)} accepted={v.accepted} not_accepted={v.not_accepted}"
+    )
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": run.seed,
+        "profile": asdict(run.p),
+        "wall_s": round(wall, 1),
+        "kills": dict(run.kills),
+        "events": run.events,
+        "states": dict(v.states),
+        "clients": dict(v.clients),
+        "client_errors": dict(v.client_errors),
+        "accepted": v.accepted,
+        "not_accepted": v.not_accepted,
+        "lost": v.lost,
+        "duplicated": v.duplicated,
+        "wrong": v.wrong,
+        "re_executed": v.re_executed,
+        "stats": snap["stats"],
+        "settle_check": v.settle_check,
+        "log_dir": str(run.log_dir),
+        "jobs": [asdict(j) for j in run.jobs],
+    }
+    return out, report
+
+
+async def main_async(args: argparse.Namespace, run: Chaos) -> int:
+    started = time.monotonic()
+    run.hard_deadline = started + run.p.limit_s
+    await run.start_fleet()
+    run.client_deadline = run.hard_deadline - 8.0  # keeps time to reconcile and tear down
+    chaos = asyncio.create_task(run.chaos())
+    try:
+        await run.submit_all()
+    finally:
+        run.submitting = False
+        await asyncio.wait([chaos])
+    if chaos.exception():
+        raise chaos.exception()  # type: ignore[misc]
+    verdict = reconcile(run)
+    lines, run.report = summarize(run, verdict, time.monotonic() - started)
+    print("\n".join(lines), flush=True)
+    return 1 if verdict.lost or verdict.duplicated or verdict.wrong else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=None, help="jobs to submit (default 2000)")
+    parser.add_argument("--duration-limit", type=float, default=None, help="seconds, all in")
+    parser.add_argument("--short", action="store_true", help="a CI-sized run under 2 minutes")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the full report here")
+    args = parser.parse_args(argv)
+    base = SHORT if args.short else FULL
+    profile = dataclasses.replace(base)
+    if args.jobs is not None:
+        profile.jobs = args.jobs
+    if args.duration_limit is not None:
+        profile.limit_s = args.duration_limit
+    seed = args.seed if args.seed is not None else random.randrange(1, 1_000_000)
+    log_dir = Path(tempfile.mkdtemp(prefix="corral-chaos-"))
+    print(f"chaos: seed {seed}, {profile.jobs} jobs, logs in {log_dir}", flush=True)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    run = Chaos(profile, seed, log_dir)
+    try:
+        code = asyncio.run(main_async(args, run))
+        if args.json:
+            Path(args.json).write_bytes(orjson.dumps(run.report, option=orjson.OPT_INDENT_2))
+        return code
+    except KeyboardInterrupt:
+        print(f"chaos: interrupted; logs in {log_dir}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"chaos: error: {exc!r}; logs in {log_dir}", file=sys.stderr)
+        raise
+    finally:
+        with contextlib.suppress(BaseException):
+            run.stop_fleet()
+        kill_all_children()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
