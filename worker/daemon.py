@@ -73,6 +73,7 @@ class Worker:
         self._draining = False
         self._claims = 0
         self._started_at = time.time()
+        self._version = ""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Worker:
         try:
             tags = await self.ollama.get_json("/api/tags")
             ps = await self.ollama.get_json("/api/ps")
+            self._version = str((await self.ollama.get_json("/api/version")).get("version", ""))
         except BackendError as exc:
             if self._ollama_ok:
                 log.error("Ollama at %s unavailable: %s", self.settings.ollama_url, exc.message)
@@ -202,6 +204,7 @@ class Worker:
             "node_id": self.node_id,
             "hosts": host_addresses(),
             "ollama_url": self.settings.ollama_url,
+            "version": self._version,
             "state": state,
             "models": self._tags,
             "loaded": self._loaded,

@@ -71,16 +71,19 @@ class ModelEndpoint:
             return
         except ApiError as exc:
             fake.counters.count_request(self._endpoint, None)
-            fake.counters.add("failed", None)
+            fake.counters.add("failed", None)  # before the client can see the answer
             await ex.send_error(exc.status, exc.message)
             return
         meta = fake.find_model(body.get("model"))
-        ex.model = meta.name if meta is not None else None
-        fake.counters.count_request(self._endpoint, ex.model)
-        fake.counters.add(await self._race(ex, body), ex.model)
+        model = ex.model = meta.name if meta is not None else None
+        fake.counters.count_request(self._endpoint, model)
+        ex.on_complete = lambda: fake.counters.add("completed", model)
+        outcome = await self._race(ex, body)
+        if outcome is not None:
+            fake.counters.add(outcome, model)
 
-    async def _race(self, ex: Exchange, body: dict[str, Any]) -> str:
-        """Run the handler against a disconnect watcher; returns the counter to bump."""
+    async def _race(self, ex: Exchange, body: dict[str, Any]) -> str | None:
+        """Run the handler against a disconnect watcher; returns a counter still to bump."""
         work = asyncio.create_task(self._handler(self._fake, ex, body))
         watch = asyncio.create_task(ex.wait_disconnect())
         try:
@@ -97,17 +100,16 @@ class ModelEndpoint:
             await asyncio.gather(work, watch, return_exceptions=True)
         return await self._outcome(ex, work)
 
-    async def _outcome(self, ex: Exchange, work: asyncio.Task[None]) -> str:
+    async def _outcome(self, ex: Exchange, work: asyncio.Task[None]) -> str | None:
         if work.cancelled():
             return "failed" if ex.aborted else "disconnects"
         error = work.exception()
-        if error is None:
-            return "completed"
+        if error is None or isinstance(error, NodeCrashedError):
+            return None  # counted as the answer ended (on_complete) or as it crashed
         if isinstance(error, ApiError) and not ex.started:
+            self._fake.counters.add("failed", ex.model)  # before the client can see it
             await ex.send_error(error.status, error.message)
-            return "failed"
-        if isinstance(error, NodeCrashedError):
-            return "failed"
+            return None
         raise error
 
 

@@ -60,6 +60,10 @@ class _Pacer:
             await asyncio.sleep(self._last - now)
 
 
+# Each handler sends its final answer only after leaving the slot: as in Ollama, the slot
+# is free (and counted so) by the time the client sees the end of the answer.
+
+
 async def handle_generate(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> None:
     received_ns = time.time_ns()
     name, meta = req.require_model(fake, body)
@@ -76,19 +80,20 @@ async def handle_generate(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) 
         await fake.inject_failure()
     async with fake.slot(meta.name, opts.num_ctx, keep_alive) as lease:
         if not prompt:  # Ollama's way to load a model without generating
-            await ex.send_json(200, _status_reply("generate", name, "load"))
-            return
-        reply = _Reply(
-            "generate",
-            name,
-            plan,
-            prompt_tokens=max(1, word_count(prompt)),
-            received_ns=received_ns,
-            load_ns=int(lease.load_seconds * 1e9),
-            context_prompt=None if body.get("raw") else prompt,
-        )
-        with fake.generating("/api/generate", meta.name, prompt):
-            await _deliver(fake, ex, reply, stream)
+            final, stream = _status_reply("generate", name, "load"), False
+        else:
+            reply = _Reply(
+                "generate",
+                name,
+                plan,
+                prompt_tokens=max(1, word_count(prompt)),
+                received_ns=received_ns,
+                load_ns=int(lease.load_seconds * 1e9),
+                context_prompt=None if body.get("raw") else prompt,
+            )
+            with fake.generating("/api/generate", meta.name, prompt):
+                final = await _generate(fake, ex, reply, stream)
+    await _finish(ex, final, stream)
 
 
 async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> None:
@@ -109,18 +114,19 @@ async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> N
         await fake.inject_failure()
     async with fake.slot(meta.name, opts.num_ctx, keep_alive) as lease:
         if not chat:
-            await ex.send_json(200, _status_reply("chat", name, "load"))
-            return
-        reply = _Reply(
-            "chat",
-            name,
-            plan,
-            prompt_tokens=max(1, sum(word_count(str(m.get("content") or "")) for m in chat)),
-            received_ns=received_ns,
-            load_ns=int(lease.load_seconds * 1e9),
-        )
-        with fake.generating("/api/chat", meta.name, prompt):
-            await _deliver(fake, ex, reply, stream)
+            final, stream = _status_reply("chat", name, "load"), False
+        else:
+            reply = _Reply(
+                "chat",
+                name,
+                plan,
+                prompt_tokens=max(1, sum(word_count(str(m.get("content") or "")) for m in chat)),
+                received_ns=received_ns,
+                load_ns=int(lease.load_seconds * 1e9),
+            )
+            with fake.generating("/api/chat", meta.name, prompt):
+                final = await _generate(fake, ex, reply, stream)
+    await _finish(ex, final, stream)
 
 
 async def handle_embed(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> None:
@@ -130,23 +136,19 @@ async def handle_embed(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> 
     opts, keep_alive = req.options(body), req.keep_alive(fake, body)
     if texts:
         await fake.inject_failure()
+    answer: dict[str, Any] = {"model": name, "embeddings": []}
     async with fake.slot(meta.name, opts.num_ctx, keep_alive) as lease:
-        if not texts:  # loads the model, as Ollama does for an empty input
-            await ex.send_json(200, {"model": name, "embeddings": []})
-            return
-        with fake.generating("/api/embed", meta.name, "\n".join(texts)):
-            cfg = fake.config
-            vectors = [normalized_embedding(t, cfg.embedding_dim, cfg.seed, dims) for t in texts]
-            await ex.send_json(
-                200,
-                {
-                    "model": name,
-                    "embeddings": vectors,
-                    "total_duration": time.time_ns() - received_ns,
-                    "load_duration": int(lease.load_seconds * 1e9),
-                    "prompt_eval_count": sum(max(1, word_count(t)) for t in texts),
-                },
-            )
+        # An empty input only loads the model, as in Ollama.
+        if texts:
+            with fake.generating("/api/embed", meta.name, "\n".join(texts)):
+                cfg = fake.config
+                answer["embeddings"] = [
+                    normalized_embedding(t, cfg.embedding_dim, cfg.seed, dims) for t in texts
+                ]
+                answer["total_duration"] = time.time_ns() - received_ns
+                answer["load_duration"] = int(lease.load_seconds * 1e9)
+                answer["prompt_eval_count"] = sum(max(1, word_count(t)) for t in texts)
+    await ex.send_json(200, answer)
 
 
 async def handle_embeddings(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> None:
@@ -156,13 +158,12 @@ async def handle_embeddings(fake: FakeOllama, ex: Exchange, body: dict[str, Any]
     opts, keep_alive = req.options(body), req.keep_alive(fake, body)
     if prompt:
         await fake.inject_failure()
+    vector: list[float] = []
     async with fake.slot(meta.name, opts.num_ctx, keep_alive):
-        if not prompt:
-            await ex.send_json(200, {"embedding": []})
-            return
-        with fake.generating("/api/embeddings", meta.name, prompt):
-            vector = raw_embedding(prompt, fake.config.embedding_dim, fake.config.seed)
-            await ex.send_json(200, {"embedding": vector})
+        if prompt:
+            with fake.generating("/api/embeddings", meta.name, prompt):
+                vector = raw_embedding(prompt, fake.config.embedding_dim, fake.config.seed)
+    await ex.send_json(200, {"embedding": vector})
 
 
 def _plan(
@@ -176,7 +177,8 @@ def _plan(
     return ReplyPlan(content, done_reason, thinking)
 
 
-async def _deliver(fake: FakeOllama, ex: Exchange, reply: _Reply, stream: bool) -> None:
+async def _generate(fake: FakeOllama, ex: Exchange, reply: _Reply, stream: bool) -> dict[str, Any]:
+    """Produce the tokens (sending them when streaming); returns the closing object."""
     plan = reply.plan
     pieces = [("thinking", t) for t in plan.thinking] + [("content", c) for c in plan.content]
     if plan.tool_calls:
@@ -190,16 +192,22 @@ async def _deliver(fake: FakeOllama, ex: Exchange, reply: _Reply, stream: bool) 
             await ex.send_line(_chunk(reply, kind, piece))
     _crash_if_due(fake, ex, len(pieces))
     stats = _timings(reply, len(pieces), time.monotonic_ns() - eval_started)
+    return _final(reply, stats, full=not stream)
+
+
+async def _finish(ex: Exchange, final: dict[str, Any], stream: bool) -> None:
     if stream:
-        await ex.send_last_line(_final(reply, stats, full=False))
+        await ex.send_last_line(final)
     else:
-        await ex.send_json(200, _final(reply, stats, full=True))
+        await ex.send_json(200, final)
 
 
 def _crash_if_due(fake: FakeOllama, ex: Exchange, emitted: int) -> None:
     limit = fake.config.crash_after_tokens
     if limit is None or emitted < limit:
         return
+    # Counted before the connection drops, so the count is there when the client notices.
+    fake.counters.add("failed", ex.model)
     if not ex.abort():
         # No transport to kill (an in-process ASGI client): an exception is the nearest thing.
         raise RuntimeError("fake Ollama node crashed (crash_after_tokens)")

@@ -9,6 +9,7 @@ way a crashing Ollama node does.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -48,6 +49,9 @@ class Exchange:
         self.complete = False  # final body chunk sent
         self.aborted = False  # we killed the connection on purpose
         self.model: str | None = None  # normalised model name, once known
+        # Called just before a successful answer's last bytes go out, so that whatever it
+        # records is visible by the time the client has the whole answer.
+        self.on_complete: Callable[[], None] | None = None
 
     async def read_body(self) -> bytes:
         chunks: list[bytes] = []
@@ -72,6 +76,7 @@ class Exchange:
         await self._body(body, more=False)
 
     async def send_error(self, status: int, message: str) -> None:
+        self.on_complete = None
         await self.send_json(status, {"error": message})
 
     async def send_empty(self, status: int = 200) -> None:
@@ -119,6 +124,9 @@ class Exchange:
     async def _body(self, body: bytes, *, more: bool) -> None:
         if not more:
             self.complete = True
+            hook, self.on_complete = self.on_complete, None
+            if hook is not None:
+                hook()
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
         if more:
             # Give the loop a turn per chunk so unpaced streams cannot starve other requests.
