@@ -5,12 +5,14 @@ Phases, with one gateway process:
 1. idle: 100 simulated nodes heartbeat every 2 s (``bench/sim_nodes.py``); the gateway's
    ``/api/tags`` latency is probed; gateway RSS is read after a short warm-up.
 2. hold: 10,000 clients, each with its own connection, send a slow generate (the fake
-   node gives 1 token/s and every request asks for 4 tokens, 64 slots): almost all of
-   them wait in the queue. RSS is read once the gateway reports them all waiting.
+   node gives 1 token/s, every request asks for 30 tokens, 64 slots), 500 a second:
+   almost all of them wait in the queue. RSS is read once they are all waiting.
 3. drain: the fake is switched to instant answers (``POST /_fake/config``) and every
-   request must come back 200.
+   request must come back 200. Waits are bounded: a request the system loses is counted,
+   it does not stall the benchmark.
 
-``/api/tags`` is probed from a separate process throughout (about 10 per second).
+``/api/tags`` is probed from a separate process throughout (about 10 per second). Then
+the same 10,000 requests are sent all at once to a fresh fleet, to see what a burst does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import orjson
 import report
-from fleetctl import OUT_DIR, FakeSpec, Fleet, raise_nofile
+from fleetctl import OUT_DIR, FakeSpec, Fleet, Proc, raise_nofile
 from httpload import (
     Connection,
     HttpError,
@@ -39,9 +41,12 @@ from httpload import (
     run_uvloop,
 )
 
+from corral import keys
+
 MODEL = "bench:latest"
 SLOTS = 64
 TOKENS = 30  # 30 s per answer at 1 token/s: about 2 answers a second while they wait
+RAMP = 500.0  # requests sent per second until all are out
 GOAL_KB = 20.0
 
 
@@ -73,9 +78,41 @@ async def probe(url: str, seconds: float, interval: float = 0.1) -> list[tuple[f
 # ------------------------------------------------------------------------------ the run
 
 
+async def _heartbeat_monitor(
+    redis_url: str, gateway_id: str, stop: asyncio.Event, out: dict[str, float]
+) -> None:
+    """Largest age seen of the gateway's own heartbeat (its score in ``corral:gateways``)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    try:
+        while not stop.is_set():
+            seen = await client.zscore(keys.GATEWAYS, gateway_id)
+            age = time.time() - float(seen) if seen is not None else float("inf")
+            out["max_age"] = max(out.get("max_age", 0.0), age)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await stop.wait()
+    finally:
+        await client.aclose()
+
+
+def _stats(fleet: Fleet) -> dict[str, int]:
+    client = fleet.redis_client()
+    try:
+        return {k.decode(): int(v) for k, v in client.hgetall(keys.STATS).items()}
+    finally:
+        client.close()
+
+
 async def hold_and_drain(
-    fleet: Fleet, count: int, phases: dict[str, float], rss: dict[str, Any]
+    fleet: Fleet,
+    count: int,
+    ramp_rate: float | None,
+    phases: dict[str, float],
+    rss: dict[str, Any],
 ) -> dict[str, Any]:
+    """``count`` slow requests (spread at ``ramp_rate``/s, or all at once), then a drain."""
     assert fleet.gateway is not None
     gw = fleet.gateway
     node = fleet.nodes[0]
@@ -96,14 +133,24 @@ async def hold_and_drain(
         c.close()
     await post_json(node.fake_url + "/_fake/config", {"token_rate": 1.0})
     await asyncio.sleep(2.0)
+    stats_before = _stats(fleet)
+    gateway_id = str((await get_json(fleet.gateway_url + "/healthz"))["gateway"])
+    beat: dict[str, float] = {}
+    stop_monitor = asyncio.Event()
+    monitor = asyncio.create_task(
+        _heartbeat_monitor(fleet.redis_url, gateway_id, stop_monitor, beat)
+    )
     rss["before"] = gw.rss()
     phases["hold_start"] = time.time()
 
     conns = await open_connections(fleet.gateway_url, count, per_second=2500, errors=errors)
     rss["after_connect"] = gw.rss()
+    t_send = time.perf_counter()
 
     async def one(i: int, conn: Connection) -> None:
         nonlocal ok
+        if ramp_rate:
+            await asyncio.sleep(max(0.0, t_send + i / ramp_rate - time.perf_counter()))
         payload = orjson.dumps({**body, "prompt": f"hold {i}"})
         try:
             resp = await conn.request("POST", "/api/generate", payload, time_limit=600)
@@ -116,14 +163,14 @@ async def hold_and_drain(
             ok += 1
 
     tasks = [asyncio.create_task(one(i, c)) for i, c in enumerate(conns)]
-    # Until every request is waiting, answered or failed (or 90 s pass), then a few
-    # seconds of steady state.
+    # Until every request is waiting, answered or failed, then a few seconds of steady
+    # state. Bounded: a request the system loses must not stall the benchmark.
     waiting = 0
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + (len(conns) / ramp_rate if ramp_rate else 0) + 60
     while time.monotonic() < deadline:
         health = await get_json(fleet.gateway_url + "/healthz", time_limit=60)
         waiting = int(health.get("waiting", 0))
-        if waiting + ok + sum(errors.values()) >= count:
+        if waiting + ok + sum(errors.values()) >= len(conns):
             break
         await asyncio.sleep(0.5)
     rss["waiting_seen"] = waiting
@@ -136,14 +183,82 @@ async def hold_and_drain(
     phases["drain_start"] = time.time()
     t0 = time.perf_counter()
     await post_json(node.fake_url + "/_fake/config", {"token_rate": 0})
-    await asyncio.gather(*tasks)
-    drain_s = time.perf_counter() - t0
+    # Drain until everything is answered, or nothing more comes back for 15 s.
+    pending = set(tasks)
+    last_progress = time.monotonic()
+    while pending and time.monotonic() - last_progress < 15:
+        done, pending = await asyncio.wait(pending, timeout=1.0)
+        if done:
+            last_progress = time.monotonic()
+    drain_s = time.perf_counter() - t0 - (time.monotonic() - last_progress if pending else 0)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     phases["drain_end"] = time.time()
+    stop_monitor.set()
+    await monitor
     for c in conns:
         c.close()
     await asyncio.sleep(1.0)
     rss["after"] = gw.rss()
-    return {"ok": ok, "errors": dict(errors), "drain_s": drain_s, "connected": len(conns)}
+    stats_after = _stats(fleet)
+    return {
+        "ok": ok,
+        "errors": dict(errors),
+        "unanswered": len(pending),
+        "drain_s": drain_s,
+        "connected": len(conns),
+        "heartbeat_max_age_s": beat.get("max_age", float("nan")),
+        "queue_stats": {k: v - stats_before.get(k, 0) for k, v in stats_after.items()},
+        "gateway_id": gateway_id,
+    }
+
+
+def _sim_and_probe(fleet: Fleet, sim_nodes: int, probe_file: Path) -> Proc:
+    fleet.spawn(
+        "sim-nodes",
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sim_nodes.py")),
+            "--redis-url",
+            fleet.redis_url,
+            "--nodes",
+            str(sim_nodes),
+            "--interval",
+            "2",
+        ],
+    )
+    registry = fleet.redis_client()
+    report.wait_until(lambda: int(registry.zcard(keys.NODES)) >= sim_nodes + 1, 20)
+    registry.close()
+    return fleet.spawn(
+        "tags-probe",
+        [
+            sys.executable,
+            __file__,
+            "--probe",
+            fleet.gateway_url,
+            "--probe-seconds",
+            "900",
+            "--probe-out",
+            str(probe_file),
+        ],
+    )
+
+
+def _fleet(name: str, count: int) -> Fleet:
+    fleet = Fleet(name)
+    try:
+        fleet.start_redis()
+        fleet.add_node(
+            "n1", FakeSpec(models=[MODEL], num_parallel=SLOTS, max_queue=4096, token_rate=1.0)
+        )
+        fleet.start_gateway(["--max-queue", str(count * 2)], expect_nodes=1)
+        fleet.start_scheduler()
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
 
 
 def run(smoke: bool) -> report.Result:
@@ -155,46 +270,12 @@ def run(smoke: bool) -> report.Result:
     probe_file = OUT_DIR / "scale-probe.json"
     probe_file.parent.mkdir(parents=True, exist_ok=True)
     probe_file.unlink(missing_ok=True)
-    with Fleet("scale") as fleet:
-        fleet.start_redis()
-        fleet.add_node(
-            "n1", FakeSpec(models=[MODEL], num_parallel=SLOTS, max_queue=4096, token_rate=1.0)
-        )
-        fleet.start_gateway(["--max-queue", str(count * 2)], expect_nodes=1)
-        fleet.start_scheduler()
-        fleet.spawn(
-            "sim-nodes",
-            [
-                sys.executable,
-                str(Path(__file__).with_name("sim_nodes.py")),
-                "--redis-url",
-                fleet.redis_url,
-                "--nodes",
-                str(sim_nodes),
-                "--interval",
-                "2",
-            ],
-        )
-        registry = fleet.redis_client()
-        report.wait_until(lambda: int(registry.zcard("corral:nodes")) >= sim_nodes + 1, 20)
-        registry.close()
-        prober = fleet.spawn(
-            "tags-probe",
-            [
-                sys.executable,
-                __file__,
-                "--probe",
-                fleet.gateway_url,
-                "--probe-seconds",
-                "900",
-                "--probe-out",
-                str(probe_file),
-            ],
-        )
+    with _fleet("scale", count) as fleet:
+        prober = _sim_and_probe(fleet, sim_nodes, probe_file)
         time.sleep(1.0)
         phases["idle_start"] = time.time()
         time.sleep(3.0 if smoke else 8.0)
-        outcome = run_uvloop(lambda: hold_and_drain(fleet, count, phases, rss))
+        outcome = run_uvloop(lambda: hold_and_drain(fleet, count, RAMP, phases, rss))
         time.sleep(2.0)
         phases["end"] = time.time()
         prober.terminate()  # it writes its samples and exits
@@ -203,7 +284,15 @@ def run(smoke: bool) -> report.Result:
         assert fleet.gateway is not None
         outcome["gateway_log"] = fleet.gateway.log_problems()
     samples = orjson.loads(probe_file.read_bytes()) if probe_file.exists() else []
-    return _result(count, sim_nodes, outcome, rss, phases, samples, limit, smoke)
+    # The same requests all at once, on a fresh fleet: what a burst does to the gateway.
+    burst_phases: dict[str, float] = {}
+    burst_rss: dict[str, Any] = {}
+    with _fleet("scale-burst", count) as fleet:
+        burst = run_uvloop(lambda: hold_and_drain(fleet, count, None, burst_phases, burst_rss))
+        assert fleet.gateway is not None
+        burst["gateway_log"] = fleet.gateway.log_problems()
+        burst["rss"] = burst_rss
+    return _result(count, sim_nodes, outcome, rss, phases, samples, limit, burst, smoke)
 
 
 def _phase_stats(samples: list[list[float]], start: float, end: float) -> list[Any]:
@@ -226,13 +315,16 @@ def _result(
     phases: dict[str, float],
     samples: list[list[float]],
     limit: int,
+    burst: dict[str, Any],
     smoke: bool,
 ) -> report.Result:
     held = max(1, rss["waiting_seen"])
     per_kb = (rss["during"] - rss["before"]) / held / 1024
     conn_kb = (rss["after_connect"] - rss["before"]) / max(1, outcome["connected"]) / 1024
     mib = 2**20
-    errors = outcome["errors"]
+    errors = dict(outcome["errors"])
+    if outcome["unanswered"]:
+        errors["no answer (nothing came back for 15 s)"] = outcome["unanswered"]
     err_text = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"
     goals = report.Goals()
     waiting_lat = [
@@ -244,7 +336,8 @@ def _result(
         "## 3. Scale: waiting requests and a 100-node registry",
         "",
         f"{count:,} clients, one connection each, send a slow `stream: false` generate to "
-        f"one gateway process (fake node: {SLOTS} slots at 1 token/s, {TOKENS} tokens per "
+        f"one gateway process, {RAMP:,.0f} requests a second until all are out "
+        f"(fake node: {SLOTS} slots at 1 token/s, {TOKENS} tokens per "
         "answer, so nearly all of them wait in the queue); the gateway runs with "
         f"`--max-queue {count * 2}` so the queue limit is not what is measured. Meanwhile "
         f"`bench/sim_nodes.py` heartbeats {sim_nodes} simulated nodes every 2 s "
@@ -269,9 +362,14 @@ def _result(
                 ["answers 200", f"{outcome['ok']:,} of {count:,}"],
                 ["errors", err_text],
                 [
-                    "drain time (all answered after the switch)",
-                    f"{outcome['drain_s']:.1f} s ({outcome['ok'] / outcome['drain_s']:,.0f} req/s)",
+                    "drain time (after the switch to instant answers)",
+                    f"{outcome['drain_s']:.1f} s",
                 ],
+                [
+                    "largest age of the gateway's own heartbeat seen",
+                    f"{outcome['heartbeat_max_age_s']:.1f} s",
+                ],
+                ["queue counters during the run (`corral:stats`)", _counters(outcome)],
             ],
         ),
         "",
@@ -306,7 +404,14 @@ def _result(
         "of requests, or relays their answers, `/api/tags` waits its turn on the same event "
         "loop, so its latency during the connect and drain phases measures that queueing "
         "rather than the cost of building the tags list.",
+        "",
+        *_burst_lines(count, burst),
     ]
+    goals.info(
+        f"{count:,} requests sent at once",
+        f"{burst['ok']:,} answered, {burst['unanswered']:,} unanswered, "
+        f"{sum(burst['errors'].values()):,} errors",
+    )
     goals.info(
         f"/api/tags p50 / p99 with {count:,} waiting and {sim_nodes + 1} nodes",
         f"{fmt_ms(percentile(waiting_lat, 50), 1)} / {fmt_ms(percentile(waiting_lat, 99), 1)} ms",
@@ -321,12 +426,58 @@ def _result(
             "rss": rss,
             "per_request_kb": per_kb,
             "outcome": outcome,
+            "burst": burst,
             "phases": phases,
             "tags_latency_p50_all_s": statistics.median([s[1] for s in samples if s[2] == 200])
             if samples
             else None,
         },
     }
+
+
+def _counters(outcome: dict[str, Any]) -> str:
+    stats = outcome.get("queue_stats", {})
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(stats.items()) if v) or "none"
+
+
+def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
+    errors = dict(burst["errors"])
+    if burst["unanswered"]:
+        errors["no answer (nothing came back for 15 s)"] = burst["unanswered"]
+    err_text = ", ".join(f"{k}: {v:,}" for k, v in sorted(errors.items())) or "none"
+    orphaned = int(burst.get("queue_stats", {}).get("orphaned", 0))
+    age = burst["heartbeat_max_age_s"]
+    out = [
+        f"### The same {count:,} requests sent all at once",
+        "",
+        "A fresh fleet (no simulated nodes); the clients connect at 2,500 a second and then "
+        "send every request at the same moment.",
+        "",
+        report.table(
+            ["measure", "value"],
+            [
+                ["answers 200", f"{burst['ok']:,} of {count:,}"],
+                ["errors", err_text],
+                ["largest age of the gateway's own heartbeat seen", f"{age:.1f} s"],
+                ["queue counters during the run (`corral:stats`)", _counters(burst)],
+            ],
+        ),
+        "",
+        *_log_lines(burst.get("gateway_log", [])),
+    ]
+    if orphaned:
+        out += [
+            f"**{orphaned:,} queued jobs were cancelled as orphans** while the gateway that "
+            "queued them was alive and its clients were waiting. Enqueueing the burst keeps "
+            "the gateway's event loop and its Redis pool busy for seconds; its heartbeat in "
+            f"`corral:gateways` (written by the fleet-view loop) went {age:.1f} s stale, "
+            "beyond the node ttl, and the claim script (`corral/lua/claim.lua`) cancels every "
+            "queued job of a gateway it considers gone, in one call, without publishing "
+            "anything on the gateway's reply channel: those clients get no answer until "
+            "their request timeout.",
+            "",
+        ]
+    return out
 
 
 def _log_lines(problems: list[tuple[str, int]]) -> list[str]:

@@ -91,7 +91,6 @@ class Profile:
     fail_rate: float = 0.03
     """Injected retriable 500s on the fakes, so retries go through RQ."""
     kill_every: tuple[float, float] = (3.0, 6.0)
-    restart_after: tuple[float, float] = (0.3, 3.5)
     gateway_at: float = 0.3
     scheduler_at: float = 0.5
     redis_at: float = 0.7
@@ -404,29 +403,53 @@ class Chaos:
             await asyncio.wait(restarts)
 
     async def kill_worker(self) -> None:
+        """SIGKILL a worker; restart it under the same node id.
+
+        Kills alternate between a quick restart (as systemd's ``Restart=always`` would: the
+        new process heartbeats before the old one's heartbeat is ``--node-ttl`` old) and a
+        slow one (the scheduler sees the node dead first).
+        """
         up = sorted(set(self.workers) - self.nodes_down)
         if not up:
             return
         node = self.rng.choice(up)
         self.nodes_down.add(node)
         child = self.workers[node]
-        delay = self.rng.uniform(*self.p.restart_after)
-        running: list[str] = []
+        quick = self.kills["worker"] % 2 == 0
+        delay = self.rng.uniform(0.05, 0.4) if quick else self.rng.uniform(2.5, 4.0)
+        held: list[str] = []
+        last_beat = None
         with contextlib.suppress(Exception):
             async with self.client() as r:
-                raw = await r.get(keys.node(node))
-                running = list(orjson.loads(raw).get("running", [])) if raw else []
+                last_beat = await r.zscore(keys.NODES, node)
+                held = await _held_by(r, node)
         await asyncio.to_thread(child.kill)
         self.kills["worker"] += 1
         self.event(
-            "SIGKILL worker", node=node, pid=child.pid, running=len(running),
-            restart_in=f"{delay:.2f}s", before_node_ttl=delay < NODE_TTL,
-            jobs=",".join(j[:8] for j in running),
+            "SIGKILL worker", node=node, pid=child.pid, held=len(held),
+            restart_in=f"{delay:.2f}s", jobs=",".join(j[:8] for j in held),
         )  # fmt: skip
         await asyncio.sleep(delay)
         self.start_worker(node)
         self.nodes_down.discard(node)
-        self.event("worker restarted", node=node, pid=self.workers[node].pid)
+        gap: float | None = None
+        with contextlib.suppress(Exception):
+            async with self.client() as r:
+
+                async def beat() -> bool:
+                    nonlocal gap
+                    score = await r.zscore(keys.NODES, node)
+                    if score is not None and (last_beat is None or score > last_beat + 0.01):
+                        gap = score - last_beat if last_beat else None
+                        return True
+                    return False
+
+                await self.until(beat, 30, f"worker {node} heartbeat")
+        self.event(
+            "worker restarted", node=node, pid=self.workers[node].pid,
+            heartbeat_gap=f"{gap:.2f}s" if gap is not None else "?",
+            within_node_ttl=gap is not None and gap < NODE_TTL,
+        )  # fmt: skip
 
     async def kill_gateway(self) -> None:
         assert self.gateway is not None
@@ -489,6 +512,7 @@ class Chaos:
                     tasks.append(asyncio.create_task(self.run_client(http, job, slots)))
             finally:
                 self.submitting = False
+                self.client_deadline = min(self.client_deadline, time.monotonic() + self.p.drain_s)
             self.event("all submitted", jobs=len(self.jobs))
             await self.drain(tasks)
 
@@ -863,15 +887,22 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
                 f"{'among them' if job_id in now_running else 'NOT among them'}; its entry "
                 f"{'is' if _text(rec.get('entry')) in pending else 'is not'} pending under {node}"
             )
-            kills = [e for e in run.events if e.get("node") == node and "SIGKILL" in e["kind"]]
             started = float(_text(rec.get("started")) or 0) - run.t0
-            for kill in kills:
-                if kill["t"] >= started:
-                    lines.append(
-                        f"    {node} was SIGKILLed at t={kill['t']}s (restart in "
-                        f"{kill['restart_in']}, before node ttl: {kill['before_node_ttl']})"
+            mine = [e for e in run.events if e.get("node") == node and e["t"] >= started]
+            kill = next((e for e in mine if e["kind"] == "SIGKILL worker"), None)
+            back = next((e for e in mine if e["kind"] == "worker restarted"), None)
+            if kill is None:
+                lines.append(f"    {node} was not killed after the job started there")
+            else:
+                lines.append(
+                    f"    {node} was SIGKILLed at t={kill['t']}s holding {kill['held']} job(s); "
+                    f"restarted after {kill['restart_in']}"
+                    + (
+                        f", heartbeat gap {back['heartbeat_gap']} (node ttl {NODE_TTL:g}s)"
+                        if back
+                        else ""
                     )
-                    break
+                )
     for path in sorted(run.log_dir.glob("*.log")):
         with contextlib.suppress(OSError):
             for raw in path.read_bytes().splitlines():
@@ -890,6 +921,23 @@ def _http_ok(url: str) -> bytes | None:
             return resp.content if resp.status_code == 200 else None
     except httpx.HTTPError:
         return None
+
+
+async def _held_by(r: Redis, node: str) -> list[str]:
+    """Job ids of the stream entries ``node`` has claimed and not settled."""
+    held = []
+    for priority in keys.PRIORITIES:
+        stream = keys.stream(MODEL, priority)
+        if not await r.exists(stream):
+            continue
+        rows = await r.xpending_range(
+            stream, keys.GROUP, min="-", max="+", count=1000, consumername=node
+        )
+        for row in rows:
+            entries = await r.xrange(stream, row["message_id"], row["message_id"])
+            if entries:
+                held.append(_text(entries[0][1].get(b"j")))
+    return held
 
 
 async def _count_nodes(r: Redis, wanted: int) -> bool:

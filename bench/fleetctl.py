@@ -9,9 +9,11 @@ and counts the nodes. ``stop()`` sends SIGTERM, waits, then SIGKILLs what is lef
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +35,24 @@ from corral.redis_proc import RedisProcess, free_port
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
 START_DEADLINE = 30.0
+
+
+_LIVE: set[Proc] = set()
+
+
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        with contextlib.suppress(Exception):
+            proc.kill()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # run_all sends SIGTERM when a benchmark overruns: unwind so `with Fleet` cleans up.
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_kill_leftovers)
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def raise_nofile(wanted: int = 65536) -> int:
@@ -77,6 +97,7 @@ class Proc:
             start_new_session=True,
         )
         self.ps = psutil.Process(self.popen.pid)
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -137,6 +158,7 @@ class Proc:
                 os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait()
         self._log.close()
+        _LIVE.discard(self)
 
     def terminate(self) -> None:
         if self.alive:
@@ -152,6 +174,7 @@ class Proc:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         self._log.close()
+        _LIVE.discard(self)
 
 
 def corral_argv(*args: str) -> list[str]:
@@ -219,6 +242,7 @@ class Fleet:
     ) -> None:
         self.name = name
         self.log_dir = OUT_DIR / "logs" / name
+        shutil.rmtree(self.log_dir, ignore_errors=True)  # logs of this run only
         self.log_level = log_level
         self.common = list(common or [])
         self.redis_args = list(redis_args or [])

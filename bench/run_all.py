@@ -88,17 +88,15 @@ def run_one(
     load_before = os.getloadavg()[0]
     busy0, ours0, t0 = _busy_cpu(), _children_cpu(), time.monotonic()
     with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(
-                argv,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                timeout=smoke_limit if smoke else full_limit,
-                check=False,
-            )
-            code: int | str = proc.returncode
+            code: int | str = proc.wait(timeout=smoke_limit if smoke else full_limit)
         except subprocess.TimeoutExpired:
             code = "timeout"
+            _stop(proc)
+        except BaseException:
+            _stop(proc)
+            raise
     wall = time.monotonic() - t0
     # Other processes on the machine: all busy CPU minus ours (the benchmark and every
     # process it started, which it waited for, so their CPU is in our children's usage).
@@ -127,6 +125,16 @@ def run_one(
     out_json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     print(f"   {name}: exit {code} in {wall:.0f} s", flush=True)
     return result
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the benchmark unwinds and stops its fleet), then SIGKILL after a minute."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _num(value: Any) -> str:

@@ -306,3 +306,26 @@ async def _ghost_claim(store: JobStore, redis: Redis, node_id: str) -> Any:
             await asyncio.sleep(0.01)
     await redis.zadd(keys.NODES, {node_id: time.time() - 3600})
     return claimed
+
+
+async def test_node_failing_mid_stream_ends_the_stream_with_an_error_line(
+    cluster: LocalCluster, redis: Redis
+) -> None:
+    """Output already reached the client: the job fails with Ollama's mid-stream error
+    convention instead of being re-run into the same response."""
+    import json
+
+    cluster.nodes[0].fake.fake.configure(crash_after_tokens=2, token_rate=100)
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, timeout=30) as http,
+        http.stream(
+            "POST", "/api/generate", json={"model": "llama3", "prompt": "a b c d"}
+        ) as reply,
+    ):
+        assert reply.status_code == 200
+        lines = [json.loads(line) async for line in reply.aiter_lines() if line]
+        job_id = reply.headers["x-corral-job-id"]
+    assert [line.get("response") for line in lines[:2]] == ["echo: ", "a "]
+    assert "error" in lines[-1] and len(lines) == 3
+    assert await _job_state(redis, job_id) == "failed"
+    assert await redis.hget(keys.STATS, "retried") is None

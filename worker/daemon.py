@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 
 FAIRNESS_EVERY = 8
 """Every Nth claim looks at models that are not loaded first, so they cannot starve."""
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a job's answer got to its client."""
+
+    sent: int = 0
 
 
 class Worker:
@@ -340,22 +348,22 @@ class Worker:
             job.priority,
             job.attempt,
         )
-        sent = 0
+        progress = Progress()
         try:
             if job.kind.streams:
-                sent, result, final = await self._stream(job)
+                result, final = await self._stream(job, progress)
             else:
                 result = final = await self.ollama.post(job.kind.path, job.request)
-            message = protocol.encode(job.job_id, sent, protocol.DONE, final)
+            message = protocol.encode(job.job_id, progress.sent, protocol.DONE, final)
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
-            await self._failed(job, exc, sent)
+            await self._failed(job, exc, progress.sent)
         except asyncio.CancelledError:
             if job.job_id in self._cancel_requested:
                 await asyncio.shield(self._settle(job, JobState.CANCELLED))
             else:
-                await asyncio.shield(self._hand_back(job, sent))
+                await asyncio.shield(self._hand_back(job, progress.sent))
             raise
 
     async def _failed(self, job: ClaimedJob, exc: BackendError, sent: int) -> None:
@@ -375,11 +383,14 @@ class Worker:
         )
         log.warning("job %s failed (%d): %s", job.job_id, exc.status, exc.message)
 
-    async def _stream(self, job: ClaimedJob) -> tuple[int, bytes, bytes]:
-        """Forward chunks as they come; returns (messages sent, full result, final message)."""
+    async def _stream(self, job: ClaimedJob, progress: Progress) -> tuple[bytes, bytes]:
+        """Forward chunks as they come; returns (full result, final message).
+
+        ``progress.sent`` counts chunks already sent, and stays right when this raises:
+        whether the job may be re-run depends on it.
+        """
         aggregate = Aggregator(job.kind)
         channel = keys.reply_channel(job.gateway_id)
-        sent = 0
         last = b""
         async for line in self.ollama.stream_lines(job.kind.path, job.request):
             chunk = orjson.loads(line)
@@ -393,14 +404,14 @@ class Worker:
                 await self._forward(
                     job,
                     channel,
-                    protocol.encode(job.job_id, sent, protocol.CHUNK, line),
-                    first=sent == 0,
+                    protocol.encode(job.job_id, progress.sent, protocol.CHUNK, line),
+                    first=progress.sent == 0,
                 )
-                sent += 1
+                progress.sent += 1
         if not aggregate.done:
             raise BackendError("Ollama ended the stream before it was done", 502, retriable=True)
         result = orjson.dumps(aggregate.result())
-        return sent, result, last if job.stream else result
+        return result, last if job.stream else result
 
     async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
         """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss."""
