@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import statistics
 import sys
@@ -447,6 +448,11 @@ def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
     err_text = ", ".join(f"{k}: {v:,}" for k, v in sorted(errors.items())) or "none"
     orphaned = int(burst.get("queue_stats", {}).get("orphaned", 0))
     age = burst["heartbeat_max_age_s"]
+    age_text = (
+        "at times missing: the scheduler had pruned it from `corral:gateways` as stale"
+        if math.isinf(age)
+        else f"{age:.1f} s"
+    )
     out = [
         f"### The same {count:,} requests sent all at once",
         "",
@@ -458,7 +464,7 @@ def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
             [
                 ["answers 200", f"{burst['ok']:,} of {count:,}"],
                 ["errors", err_text],
-                ["largest age of the gateway's own heartbeat seen", f"{age:.1f} s"],
+                ["largest age of the gateway's own heartbeat seen", age_text],
                 ["queue counters during the run (`corral:stats`)", _counters(burst)],
             ],
         ),
@@ -470,8 +476,9 @@ def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
             f"**{orphaned:,} queued jobs were cancelled as orphans** while the gateway that "
             "queued them was alive and its clients were waiting. Enqueueing the burst keeps "
             "the gateway's event loop and its Redis pool busy for seconds; its heartbeat in "
-            f"`corral:gateways` (written by the fleet-view loop) went {age:.1f} s stale, "
-            "beyond the node ttl, and the claim script (`corral/lua/claim.lua`) cancels every "
+            "`corral:gateways` (written by the fleet-view loop every second) went stale "
+            f"beyond the node ttl (largest age seen: {age_text}), and the claim script "
+            "(`corral/lua/claim.lua`) cancels every "
             "queued job of a gateway it considers gone, in one call, without publishing "
             "anything on the gateway's reply channel: those clients get no answer until "
             "their request timeout.",

@@ -378,13 +378,16 @@ def _result(work: Workload, results: dict[str, dict[str, Any]], smoke: bool) -> 
             for label, s in results.items()
             if label.startswith("push")
         )
-        + " (`connect`: a request sent to the dead node and retried on the next one).",
+        + ".",
         "",
         *_scheduler_note(results.get("Corral", {})),
-        "Notes: a push balancer hands every request to a node at once, so a node's own queue "
-        "holds them; when that node dies, everything queued there fails with it, and slow "
-        "nodes get as many jobs as fast ones (round-robin) or as many as they have in "
-        "flight (least-connections). Corral's workers pull a job only when they have a free "
+        "Notes: a push balancer hands every request to a node at once, so each node's own "
+        "queue holds them, in arrival order and whatever their model: slow nodes get as "
+        "many jobs as fast ones (round-robin) or as many as they have in flight "
+        "(least-connections), and a node switches models as often as its queue does. When "
+        "a node dies, the balancer re-sends the requests it had queued there (no response "
+        "header yet) to the next node, at the back of that node's queue, and cuts the "
+        "answers already streaming. Corral's workers pull a job only when they have a free "
         "slot, preferring models they have loaded. Jobs that had already streamed tokens "
         "to their client when their node died fail in Corral too (by design: a retry would "
         "repeat output the client has seen).",

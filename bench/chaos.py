@@ -254,6 +254,8 @@ class Chaos:
         self.client_deadline = 0.0
         self.hard_deadline = 0.0
         self.snapshot: dict[str, Any] = {}
+        self.schedulers_down: set[str] = set()
+        self.crashes = collections.Counter[str]()
         self.report: dict[str, Any] = {}
         self.nodes_down: set[str] = set()
 
@@ -301,7 +303,8 @@ class Chaos:
             extra_args=["--logfile", str(self.log_dir / "redis.log"), "--maxclients", "10000"],
         )
         await asyncio.to_thread(self.redis.start)
-        self.event("redis started", url=self.redis_url, dir=str(self.redis.dir))
+        local = datetime.fromtimestamp(self.t0).strftime("%H:%M:%S.%f")[:-3]
+        self.event("redis started", url=self.redis_url, t0_local_time=local)
         for n in range(1, self.p.nodes + 1):
             node = f"n{n}"
             port = free_port()
@@ -402,6 +405,44 @@ class Chaos:
         if restarts:
             await asyncio.wait(restarts)
 
+    async def supervise(self) -> None:
+        """Restart a process that exited by itself, as systemd's ``Restart=on-failure`` would.
+
+        Such an exit is a finding of its own (reported under "unexpected exits").
+        """
+        while True:
+            await asyncio.sleep(0.5)
+            for node, child in list(self.workers.items()):
+                if node not in self.nodes_down and not child.alive:
+                    self._exited(child)
+                    self.start_worker(node)
+            for name, child in list(self.schedulers.items()):
+                if name not in self.schedulers_down and not child.alive:
+                    self._exited(child)
+                    self.start_scheduler(name)
+            if self.gateway is not None and not self.gateway_down and not self.gateway.alive:
+                self._exited(self.gateway)
+                self.start_gateway()
+            for node, (fake, _) in list(self.fakes.items()):
+                if not fake.alive:
+                    self._exited(fake)
+                    self.fakes[node] = (Child(fake.name, fake.argv, self.log_dir, self.t0), _)
+
+    def _exited(self, child: Child) -> None:
+        self.crashes[child.name] += 1
+        last = ""
+        with contextlib.suppress(OSError):
+            tail = child.log_path.read_bytes()[-20000:].decode(errors="replace")
+            errors = re.findall(r"^[A-Za-z_][\w.]*(?:Error|Exception|Unavailable)\b.*$", tail, re.M)
+            last = errors[-1][:160] if errors else ""
+        self.event(
+            "process exited by itself; restarting it",
+            name=child.name,
+            code=child.popen.returncode,
+            log=child.log_path.name,
+            last_error=repr(last),
+        )
+
     async def kill_worker(self) -> None:
         """SIGKILL a worker; restart it under the same node id.
 
@@ -431,7 +472,6 @@ class Chaos:
         )  # fmt: skip
         await asyncio.sleep(delay)
         self.start_worker(node)
-        self.nodes_down.discard(node)
         gap: float | None = None
         with contextlib.suppress(Exception):
             async with self.client() as r:
@@ -445,6 +485,7 @@ class Chaos:
                     return False
 
                 await self.until(beat, 30, f"worker {node} heartbeat")
+        self.nodes_down.discard(node)  # only once it is back: never kill one still starting
         self.event(
             "worker restarted", node=node, pid=self.workers[node].pid,
             heartbeat_gap=f"{gap:.2f}s" if gap is not None else "?",
@@ -477,11 +518,13 @@ class Chaos:
             self.event("lease holder is not one of ours", holder=holder.decode())
             return
         child = self.schedulers[name]
+        self.schedulers_down.add(name)
         await asyncio.to_thread(child.kill)  # the whole group: its RQ worker child dies too
         self.kills["scheduler"] += 1
         self.event("SIGKILL active scheduler (and its RQ worker)", name=name, pid=pid)
         await asyncio.sleep(1.0)
         self.start_scheduler(name)
+        self.schedulers_down.discard(name)
         self.event("scheduler restarted", name=name, pid=self.schedulers[name].pid)
 
     async def restart_redis(self) -> None:
@@ -755,6 +798,8 @@ class Verdict:
     accepted: int = 0
     not_accepted: int = 0
     settle_check: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    slowest: list[dict[str, Any]] = field(default_factory=list)
 
 
 def reconcile(run: Chaos) -> Verdict:
@@ -819,6 +864,20 @@ def reconcile(run: Chaos) -> Verdict:
     settled += stats.get("orphaned", 0)
     final_records = sum(1 for r in records.values() if _text(r.get("state")) in FINAL)
     v.settle_check = {"settlements_counted": settled, "final_records": final_records}
+    # Time from enqueue to the final state: how long recoveries kept jobs waiting.
+    spans = []
+    for job_id, rec in records.items():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            spans.append((float(rec["finished"]) - float(rec["created"]), job_id))
+    spans.sort()
+    if spans:
+        pick = lambda q: round(spans[min(len(spans) - 1, int(q * len(spans)))][0], 3)  # noqa: E731
+        v.latency = {"p50_s": pick(0.5), "p99_s": pick(0.99), "max_s": round(spans[-1][0], 3)}
+        mode = {j.job_id: j.mode for j in run.jobs if j.job_id}
+        for span, job_id in spans[-3:][::-1]:
+            state = _text(records[job_id].get("state"))
+            why = f"took {span:.1f}s from enqueue to {state}"
+            v.slowest.append({"job": job_id, "mode": mode.get(job_id, "?"), "why": why})
     if settled > final_records:
         v.duplicated.append(
             {"job": None, "why": f"{settled} settlements counted for {final_records} final jobs"}
@@ -862,6 +921,15 @@ def _error_kind(job: ClientJob) -> str:
 def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
     job_id = case.get("job")
     lines = [f"- job {job_id} ({case.get('mode', '?')}): {case['why']}"]
+    if case.get("index") is not None:
+        job = run.jobs[case["index"]]
+        lines.append(
+            f"    client #{job.index}: {job.mode} p{job.priority}, sent t={job.sent_at:.2f}s "
+            f"(gateway #{job.gateway_gen}), ended t={job.ended_at:.2f}s, outcome {job.outcome}, "
+            f"status {job.status}, id {'from the gateway' if job.job_id else 'unknown'}, "
+            f"{len(job.text)} chars, {job.done_lines} done line(s), polled "
+            f"{job.polled_state}, error {job.error!r}"
+        )
     if not job_id:
         return lines
     rec = run.snapshot["records"].get(job_id)
@@ -903,12 +971,35 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
                         else ""
                     )
                 )
+    logged = []
     for path in sorted(run.log_dir.glob("*.log")):
         with contextlib.suppress(OSError):
             for raw in path.read_bytes().splitlines():
                 if job_id.encode() in raw:
-                    lines.append(f"    {path.stem}: {raw.decode(errors='replace')[:220]}")
-    return lines
+                    logged.append(f"    {path.stem}: {raw.decode(errors='replace')[:220]}")
+    cause = _likely_cause(rec, logged, lines)
+    if cause:
+        lines.insert(1, f"    likely cause: {cause}")
+    return lines + logged
+
+
+def _likely_cause(rec: dict[str, Any] | None, logged: list[str], found: list[str]) -> str:
+    if rec is None or _text(rec.get("state")) != "running":
+        return ""
+    node = _text(rec.get("node"))
+    if any(f"worker-{node}:" in line and "crashed the runner" in line for line in logged):
+        return (
+            f"the runner task on {node} died on an exception it does not handle (see the "
+            f"traceback in worker-{node}.log); nothing settled or handed back the job, and "
+            f"{node} kept heartbeating, so the scheduler never took it back"
+        )
+    if any("was SIGKILLed" in line for line in found):
+        return (
+            f"the job was held by a SIGKILLed process of {node}; {node} came back under the "
+            "same id before the scheduler declared it dead, so nobody took back the stream "
+            "entries the old process had claimed"
+        )
+    return ""
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -973,6 +1064,8 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         f"jobs: {len(run.jobs)} submitted, {v.accepted} accepted, {v.not_accepted} not accepted "
         f"(refused before enqueue); wall {wall:.1f}s",
         "kills: " + ", ".join(f"{k} x{n}" for k, n in sorted(run.kills.items())),
+        "unexpected exits (restarted): "
+        + (", ".join(f"{k} x{n}" for k, n in sorted(run.crashes.items())) or "none"),
         "final states: " + ", ".join(f"{k}={n}" for k, n in sorted(v.states.items())),
         "clients: " + ", ".join(f"{k}={n}" for k, n in sorted(v.clients.items())),
         "client errors by kind: "
@@ -982,6 +1075,7 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         f"RQ scheduled {snap['rq_scheduled']}, pending entries "
         f"{ {k: len(x) for k, x in snap['pending'].items()} }",
         f"re-executed (completed twice, answered once): {len(v.re_executed)}",
+        f"enqueue to final state: {v.latency}",
         f"logs: {run.log_dir}",
     ]
     for title, cases in (
@@ -989,6 +1083,7 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         ("DUPLICATED", v.duplicated),
         ("WRONG", v.wrong),
         ("re-executed", v.re_executed),
+        ("slowest (for information)", v.slowest),
     ):
         if cases:
             out.append(f"-- {title}: {len(cases)} --")
@@ -1008,6 +1103,8 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         "profile": asdict(run.p),
         "wall_s": round(wall, 1),
         "kills": dict(run.kills),
+        "unexpected_exits": dict(run.crashes),
+        "t0": datetime.fromtimestamp(run.t0, UTC).isoformat(timespec="milliseconds"),
         "events": run.events,
         "states": dict(v.states),
         "clients": dict(v.clients),
@@ -1018,6 +1115,8 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         "duplicated": v.duplicated,
         "wrong": v.wrong,
         "re_executed": v.re_executed,
+        "latency": v.latency,
+        "slowest": v.slowest,
         "stats": snap["stats"],
         "settle_check": v.settle_check,
         "log_dir": str(run.log_dir),
@@ -1032,11 +1131,14 @@ async def main_async(args: argparse.Namespace, run: Chaos) -> int:
     await run.start_fleet()
     run.client_deadline = run.hard_deadline - 8.0  # keeps time to reconcile and tear down
     chaos = asyncio.create_task(run.chaos())
+    supervisor = asyncio.create_task(run.supervise())
     try:
         await run.submit_all()
     finally:
         run.submitting = False
         await asyncio.wait([chaos])
+        supervisor.cancel()
+        await asyncio.wait([supervisor])
     if chaos.exception():
         raise chaos.exception()  # type: ignore[misc]
     verdict = reconcile(run)

@@ -8,10 +8,11 @@ request is forwarded at once to one node, chosen by
   (ties in turn),
 
 and the node's answer is streamed straight back (NDJSON chunks pass through as they
-arrive). Like nginx's passive health checks, a node that refuses a connection is
-skipped for ``--fail-timeout`` seconds and the request goes to the next node (nothing
-was sent, so that is safe); a node that dies mid-answer cuts the client's answer.
-It knows nothing about models, loads or node speed.
+arrive). Like nginx's passive health checks (``proxy_next_upstream error`` with
+``non_idempotent``), a node that refuses the connection, or drops it before any
+response header, is skipped for ``--fail-timeout`` seconds and the request goes to the
+next node (the client has seen nothing yet); a node that dies mid-answer cuts the
+client's answer. It knows nothing about models, loads or node speed.
 
     python bench/push_balancer.py --port 8080 --mode least-connections \\
         --node http://127.0.0.1:11434 --node http://10.0.0.2:11434
@@ -132,11 +133,17 @@ def build_app(balancer: Balancer) -> Any:
                         headers=headers,
                         allow_redirects=False,
                     )
-                except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
-                    # Nothing reached the node: mark it down and try the next one.
+                except aiohttp.ClientConnectorError:
+                    # Refused: mark the node down and try the next one.
                     backend.failures += 1
                     backend.down_until = time.monotonic() + balancer.fail_timeout
-                    balancer.count_error("connect")
+                    balancer.count_error("refused, retried on the next node")
+                    continue
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # Dropped before any response header: the client has seen nothing.
+                    backend.failures += 1
+                    backend.down_until = time.monotonic() + balancer.fail_timeout
+                    balancer.count_error("dropped before answering, retried on the next node")
                     continue
                 backend.sent += 1
                 return await _relay(request, upstream, balancer, web, aiohttp)
@@ -163,7 +170,7 @@ async def _relay(request: Any, upstream: Any, balancer: Balancer, web: Any, aioh
         try:
             async for chunk in upstream.content.iter_any():
                 await out.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionError):
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
             # The node died mid-answer: cut the client's answer too (as a proxy would).
             balancer.count_error("upstream-died-mid-answer")
             if request.transport is not None:

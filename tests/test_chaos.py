@@ -26,8 +26,9 @@ with warnings.catch_warnings():
 
 @chaos
 @pytest.mark.timeout(170)
-def test_chaos_short_loses_and_duplicates_nothing() -> None:
-    command = [sys.executable, str(ROOT / "bench" / "chaos.py"), "--short"]
+def test_chaos_short_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    report = tmp_path / "chaos.json"
+    command = [sys.executable, str(ROOT / "bench" / "chaos.py"), "--short", "--json", str(report)]
     with subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as run:
@@ -37,8 +38,8 @@ def test_chaos_short_loses_and_duplicates_nothing() -> None:
             run.terminate()  # SIGTERM: chaos.py stops every process it started
             out, err = run.communicate(timeout=15)
             pytest.fail(f"bench/chaos.py --short ran past 150 s; output:\n{(out + err)[-6000:]}")
-    output = out + err
+    summary = out[out.find("== chaos result ==") :][-30000:] + err[-3000:]
     lines = out.strip().splitlines()
     last = lines[-1] if lines else ""
-    assert re.match(r"lost=0 duplicated=0 ", last), f"last line {last!r}; output:\n{output[-8000:]}"
-    assert run.returncode == 0, output[-8000:]
+    assert re.match(r"lost=0 duplicated=0 ", last), f"{summary}\n(full report: {report})"
+    assert run.returncode == 0, f"{summary}\n(full report: {report})"
