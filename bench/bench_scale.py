@@ -48,6 +48,7 @@ MODEL = "bench:latest"
 SLOTS = 64
 TOKENS = 30  # 30 s per answer at 1 token/s: about 2 answers a second while they wait
 RAMP = 500.0  # requests sent per second until all are out
+STALL_S = 10.0  # a drain that returns nothing for this long is over
 GOAL_KB = 20.0
 
 
@@ -184,10 +185,10 @@ async def hold_and_drain(
     phases["drain_start"] = time.time()
     t0 = time.perf_counter()
     await post_json(node.fake_url + "/_fake/config", {"token_rate": 0})
-    # Drain until everything is answered, or nothing more comes back for 15 s.
+    # Drain until everything is answered, or nothing more comes back for STALL_S.
     pending = set(tasks)
     last_progress = time.monotonic()
-    while pending and time.monotonic() - last_progress < 15:
+    while pending and time.monotonic() - last_progress < STALL_S:
         done, pending = await asyncio.wait(pending, timeout=1.0)
         if done:
             last_progress = time.monotonic()
@@ -275,7 +276,7 @@ def run(smoke: bool) -> report.Result:
         prober = _sim_and_probe(fleet, sim_nodes, probe_file)
         time.sleep(1.0)
         phases["idle_start"] = time.time()
-        time.sleep(3.0 if smoke else 8.0)
+        time.sleep(3.0 if smoke else 5.0)
         outcome = run_uvloop(lambda: hold_and_drain(fleet, count, RAMP, phases, rss))
         time.sleep(2.0)
         phases["end"] = time.time()
@@ -325,7 +326,7 @@ def _result(
     mib = 2**20
     errors = dict(outcome["errors"])
     if outcome["unanswered"]:
-        errors["no answer (nothing came back for 15 s)"] = outcome["unanswered"]
+        errors[f"no answer (nothing came back for {STALL_S:g} s)"] = outcome["unanswered"]
     err_text = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"
     goals = report.Goals()
     waiting_lat = [
@@ -444,7 +445,7 @@ def _counters(outcome: dict[str, Any]) -> str:
 def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
     errors = dict(burst["errors"])
     if burst["unanswered"]:
-        errors["no answer (nothing came back for 15 s)"] = burst["unanswered"]
+        errors[f"no answer (nothing came back for {STALL_S:g} s)"] = burst["unanswered"]
     err_text = ", ".join(f"{k}: {v:,}" for k, v in sorted(errors.items())) or "none"
     orphaned = int(burst.get("queue_stats", {}).get("orphaned", 0))
     age = burst["heartbeat_max_age_s"]

@@ -73,7 +73,7 @@ class Workload:
 
 def make_workload(smoke: bool, seed: int = SEED) -> Workload:
     rng = random.Random(seed)
-    bursts = 3 if smoke else 7
+    bursts = 3 if smoke else 6
     jobs: list[Job] = []
     t = 0.0
     for _ in range(bursts):
@@ -299,7 +299,7 @@ def summarize(work: Workload, res: dict[str, Any]) -> dict[str, Any]:
 def run(smoke: bool) -> report.Result:
     raise_nofile()
     work = make_workload(smoke)
-    cap = 60.0 if smoke else 120.0
+    cap = 60.0 if smoke else 100.0
     results: dict[str, dict[str, Any]] = {}
     for label, fn in (
         ("push, round-robin", lambda: run_push("round-robin", work, cap)),

@@ -59,6 +59,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 from redis.asyncio import Redis
 
 from corral import keys
@@ -174,11 +175,18 @@ class Child:
         return self.popen.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL the whole process group, as a crash of its host would."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
+        """SIGKILL the process and everything it started, as a crash of its host would."""
+        if self.popen.poll() is None:
+            # Not reaped yet, so its pid (and the group id) cannot belong to anyone else.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=10)
+        # What it left behind (an RQ worker whose scheduler died) is still in its session.
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.pid != self.popen.pid and os.getsid(proc.pid) == self.popen.pid:
+                    proc.kill()
 
     def terminate(self) -> None:
         if self.alive:
@@ -211,7 +219,8 @@ class ClientJob:
     priority: int
     job_id: str | None = None
     outcome: str = "pending"
-    """answer | error | http_error | conn_lost | truncated | hung | not_sent"""
+    """answer | error | http_error | conn_lost | truncated | garbled | hung | not_sent |
+    client_error"""
     status: int | None = None
     error: str | None = None
     text: str = ""
@@ -222,6 +231,7 @@ class ClientJob:
     sent_at: float = 0.0
     ended_at: float = 0.0
     polled_state: str | None = None
+    poll_timeouts: int = 0
 
     @property
     def expected(self) -> str:
@@ -240,7 +250,7 @@ class Chaos:
         self.t0 = time.time()
         self.events: list[dict[str, Any]] = []
         self.redis: RedisProcess | None = None
-        self.fakes: dict[str, tuple[Child, str]] = {}
+        self.fakes: dict[str, tuple[Child, int]] = {}
         self.workers: dict[str, Child] = {}
         self.gateway: Child | None = None
         self.gateway_port = free_port()
@@ -594,6 +604,9 @@ class Chaos:
             if job.outcome == "pending":
                 job.outcome = "hung"
             raise
+        except Exception as exc:  # a bug of this client, or a reply it cannot read
+            job.outcome = "client_error"
+            job.error = f"{type(exc).__name__}: {exc}"
         finally:
             job.ended_at = job.ended_at or self.now()
             release()
@@ -685,7 +698,10 @@ class Chaos:
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, 2.0)
             try:
-                resp = await http.get(f"{self.gateway_url}/jobs/{job.job_id}")
+                resp = await http.get(f"{self.gateway_url}/jobs/{job.job_id}", timeout=15.0)
+            except httpx.TimeoutException:
+                job.poll_timeouts += 1  # the gateway took the request and did not answer
+                continue
             except httpx.TransportError:
                 continue  # gateway down: ask again
             if resp.status_code == 404:
@@ -928,7 +944,7 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
             f"(gateway #{job.gateway_gen}), ended t={job.ended_at:.2f}s, outcome {job.outcome}, "
             f"status {job.status}, id {'from the gateway' if job.job_id else 'unknown'}, "
             f"{len(job.text)} chars, {job.done_lines} done line(s), polled "
-            f"{job.polled_state}, error {job.error!r}"
+            f"{job.polled_state} ({job.poll_timeouts} unanswered GETs), error {job.error!r}"
         )
     if not job_id:
         return lines
@@ -1074,7 +1090,8 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         f"settlement check: {v.settle_check}; retry inbox {snap['retry_inbox']}, "
         f"RQ scheduled {snap['rq_scheduled']}, pending entries "
         f"{ {k: len(x) for k, x in snap['pending'].items()} }",
-        f"re-executed (completed twice, answered once): {len(v.re_executed)}",
+        f"re-executed (completed twice, answered once): {len(v.re_executed)}; "
+        f"GET /jobs/{{id}} unanswered for 15 s: {sum(j.poll_timeouts for j in run.jobs)}",
         f"enqueue to final state: {v.latency}",
         f"logs: {run.log_dir}",
     ]
@@ -1152,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="jobs to submit (default 2000)")
     parser.add_argument("--duration-limit", type=float, default=None, help="seconds, all in")
     parser.add_argument("--short", action="store_true", help="a CI-sized run under 2 minutes")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
     parser.add_argument("--json", default=None, help="write the full report here")
     args = parser.parse_args(argv)
     base = SHORT if args.short else FULL

@@ -149,7 +149,8 @@ def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
         "Rewritten by `bench/run_all.py` (`make bench`); do not edit by hand. Each section "
         "is produced by `bench/bench_<name>.py`, which starts Redis, fake Ollama nodes "
         "(`corral fake-ollama`), one `corral worker` per node, a `corral gateway` and a "
-        "`corral scheduler`, each as its own process, and a load client in its own process. "
+        "`corral scheduler`, each as its own process; the load client runs in the benchmark's "
+        "process. "
         "The raw numbers are in `bench/results/*.json`. Nothing here asserts on timings.",
         "",
         f"- Run: {run_info['date']}, command `{run_info['command']}`, "

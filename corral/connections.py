@@ -9,6 +9,8 @@ a long socket timeout for ``BLPOP`` and subscriptions.
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -16,6 +18,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from corral.errors import RedisUnavailable
 
 CONNECT_TIMEOUT = 5.0
+
+
+def _retry() -> Retry:
+    """Ride out a Redis restart: a pooled connection that went stale fails once, then
+    reconnects. Safe because every Corral write is idempotent or guarded by a state check
+    in its script, and replies carry sequence numbers the gateway deduplicates."""
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6)
 
 
 def pooled(url: str, size: int, *, command_timeout: float = 10.0) -> Redis:
@@ -27,6 +36,9 @@ def pooled(url: str, size: int, *, command_timeout: float = 10.0) -> Redis:
         socket_timeout=command_timeout,
         socket_connect_timeout=CONNECT_TIMEOUT,
         socket_keepalive=True,
+        health_check_interval=30,
+        retry=_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
@@ -53,5 +65,7 @@ async def ping(redis: Redis) -> None:
         raise RedisUnavailable(f"Redis did not answer: {exc}") from exc
 
 
-TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-"""Errors after which a loop should back off and try again rather than die."""
+TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
+"""Errors after which a loop should back off and try again rather than die. RuntimeError:
+redis-py can surface asyncio's "unable to perform operation on a closed transport" while
+Redis restarts."""

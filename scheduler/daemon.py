@@ -62,8 +62,9 @@ class Scheduler:
                         self._was_active = False
                 except TRANSIENT_REDIS_ERRORS as exc:
                     log.warning("maintenance pass failed, retrying: %s", exc)
-                except RedisError:
-                    # One bad key must not stop reclaim and retries for the whole fleet.
+                except (RedisError, ValueError, KeyError, AttributeError, TypeError):
+                    # One bad key or racing read must not stop reclaim and retries for the
+                    # whole fleet: log it with its traceback and run the next pass.
                     log.exception(
                         "maintenance pass hit a Redis error; next pass in %ss",
                         self.settings.interval,

@@ -32,7 +32,8 @@ async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
             floor = _text(group["last-delivered-id"])
             if int(group["pending"]):
                 summary = await redis.xpending(stream, keys.GROUP)
-                floor = min(floor, _text(summary["min"]), key=_id_key)
+                if summary["min"] is not None:  # None: acknowledged since XINFO
+                    floor = min(floor, _text(summary["min"]), key=_id_key)
             removed += int(await redis.xtrim(stream, minid=floor))
     return removed
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ from redis import Redis as SyncRedis
 from corral import connections, logs, signals
 from corral.settings import SchedulerSettings
 from scheduler.daemon import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,17 +33,36 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(settings: SchedulerSettings) -> None:
     redis = connections.pooled(settings.redis_url, 8)
     rq_redis = SyncRedis.from_url(settings.redis_url)
-    child = start_rq_worker(settings) if settings.rq_worker else None
+    children: list[subprocess.Popen[bytes]] = []
+    supervisor = asyncio.create_task(supervise_rq_worker(settings, children))
     try:
         await connections.ping(redis)
         scheduler = Scheduler(settings, redis, rq_redis)
         with signals.graceful_signals(scheduler.request_stop):
             await scheduler.run()
     finally:
-        if child is not None:
+        supervisor.cancel()
+        await asyncio.wait([supervisor])
+        for child in children:
             await stop_child(child)
         rq_redis.close()
         await redis.aclose()
+
+
+async def supervise_rq_worker(
+    settings: SchedulerSettings, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Keep one RQ worker child alive: it exits on some Redis errors, and a dead one
+    would leave retries waiting forever."""
+    if not settings.rq_worker:
+        return
+    while True:
+        if not children or children[-1].poll() is not None:
+            if children:
+                log.warning("RQ worker exited (%s); starting a new one", children[-1].returncode)
+                children.clear()
+            children.append(start_rq_worker(settings))
+        await asyncio.sleep(max(settings.interval, 0.5))  # a supervision period
 
 
 def start_rq_worker(settings: SchedulerSettings) -> subprocess.Popen[bytes]:

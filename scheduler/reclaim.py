@@ -66,8 +66,6 @@ async def reclaim_node(store: JobStore, node_id: str, models: list[str], max_att
                     )
                     settled += 1
                     log.info("job %s from dead node %s: %s", job_id, node_id, _OUTCOMES[outcome])
-            # Safe now that nothing of the node's is pending here (DELCONSUMER drops pending).
-            await redis.xgroup_delconsumer(stream, keys.GROUP, node_id)
     return settled
 
 

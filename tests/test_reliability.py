@@ -329,3 +329,28 @@ async def test_node_failing_mid_stream_ends_the_stream_with_an_error_line(
     assert "error" in lines[-1] and len(lines) == 3
     assert await _job_state(redis, job_id) == "failed"
     assert await redis.hget(keys.STATS, "retried") is None
+
+
+async def test_restarted_worker_hands_back_what_its_predecessor_held(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    """A worker killed and restarted under the same id faster than the node TTL is never
+    seen dead by the scheduler: the new process must hand back the old one's claims."""
+    cluster = await start_cluster([FakeOllamaConfig(num_parallel=1)])
+    node = cluster.nodes[0]
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        node.worker.request_stop()  # stop claiming so the "previous process" can claim
+        await asyncio.wait([node.task])
+        submitted = await http.post(
+            "/jobs", json={"kind": "generate", "wait": False, "request": GENERATE}
+        )
+        job_id = submitted.json()["id"]
+        stranded = await store.claim("llama3:latest", "node1")  # then that process died
+        assert stranded is not None and stranded.job_id == job_id
+        restarted = await cluster.add_node(FakeOllamaConfig(), node_id="node1")
+        restarted.worker.stranded_after = 0
+        assert await restarted.worker.reclaim_stranded() == 1
+        await until(lambda: _job_state(redis, job_id), "done")
+    view = await store.get(job_id)
+    assert view is not None and view["attempts"] == 2 and view["node"] == "node1"

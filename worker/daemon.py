@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ from worker.metrics import HostMetrics, host_addresses
 from worker.ollama import OllamaClient
 
 log = logging.getLogger(__name__)
+
+STRANDED_AFTER = 5.0
+"""Seconds a pending entry of this node must have been idle before it counts as stranded."""
 
 FAIRNESS_EVERY = 8
 """Every Nth claim looks at models that are not loaded first, so they cannot starve."""
@@ -82,6 +86,7 @@ class Worker:
         self._claims = 0
         self._started_at = time.time()
         self._version = ""
+        self.stranded_after = STRANDED_AFTER
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -97,8 +102,8 @@ class Worker:
         return len(self._running)
 
     async def run(self) -> None:
-        await self.refresh_models()
-        await self.heartbeat()
+        await self._persist(self.refresh_models, "discovering models")
+        await self._persist(self.heartbeat, "first heartbeat")
         background = [
             asyncio.create_task(self._every(self.settings.heartbeat_interval, self.heartbeat)),
             asyncio.create_task(self._every(self.settings.models_refresh, self.refresh_models)),
@@ -198,6 +203,7 @@ class Worker:
                 self._loaded = list((await self.ollama.get_json("/api/ps")).get("models", []))
         await fleet.publish_heartbeat(self.redis, self.record(), self.settings.node_ttl)
         await self._reconcile_cancels()
+        await self.reclaim_stranded()
         if self._tags:  # keep the cached /api/show answers alive while we serve the model
             async with self.redis.pipeline(transaction=False) as pipe:
                 for model in self.models:
@@ -301,7 +307,7 @@ class Worker:
                         return job
                 await self._wait_for_work(order)
             except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("claiming failed, retrying: %s", exc)
+                log.warning("claiming failed, retrying: %r", exc)
                 await asyncio.sleep(0.5)  # back off from a Redis outage
 
     def _claim_order(self) -> list[str]:
@@ -359,6 +365,11 @@ class Worker:
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
             await self._failed(job, exc, progress.sent)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            # Redis went away mid-job (even after the client's retries): never leave the
+            # job running with no runner; settle or hand it back once Redis answers.
+            log.warning("job %s lost Redis mid-run (%s); handing it back", job.job_id, exc)
+            await self._hand_back(job, progress.sent, f"node {self.node_id} lost Redis")
         except asyncio.CancelledError:
             if job.job_id in self._cancel_requested:
                 await asyncio.shield(self._settle(job, JobState.CANCELLED))
@@ -424,10 +435,11 @@ class Worker:
             pipe.publish(channel, message)
             await pipe.execute()
 
-    async def _hand_back(self, job: ClaimedJob, sent: int) -> None:
-        """Shutdown reached a running job: requeue it, unless its client already has output."""
+    async def _hand_back(self, job: ClaimedJob, sent: int, reason: str = "") -> None:
+        """Give up a running job: requeue it, unless its client already has output."""
+        reason = reason or f"node {self.node_id} shut down"
         if sent:
-            message = f"node {self.node_id} stopped in the middle of this response"
+            message = f"{reason} in the middle of this response"
             await self._settle(
                 job,
                 JobState.FAILED,
@@ -436,26 +448,77 @@ class Worker:
                 message=protocol.encode_error(job.job_id, sent, message, 503),
             )
             return
-        await self.store.requeue(
-            job.job_id,
-            job.model,
-            job.priority,
-            job.entry_id,
-            self.node_id,
-            f"node {self.node_id} shut down",
+        await self._persist(
+            lambda: self.store.requeue(
+                job.job_id, job.model, job.priority, job.entry_id, self.node_id, reason
+            ),
+            f"handing back job {job.job_id}",
         )
         log.info("job %s handed back to the queue", job.job_id)
 
     async def _settle(self, job: ClaimedJob, state: JobState, **outcome: Any) -> None:
         """Record the outcome, riding out a short Redis outage rather than losing it."""
+        await self._persist(
+            lambda: self.store.finish(job, self.node_id, state, **outcome),
+            f"settling job {job.job_id}",
+        )
+
+    async def _persist(self, write: Callable[[], Awaitable[object]], what: str) -> None:
+        """Retry a job's bookkeeping write through a Redis outage (about half a minute).
+
+        If Redis stays away longer, the job stays pending under this node, and the
+        stranded-entry check hands it back once Redis answers again.
+        """
         for attempt in range(20):
             try:
-                await self.store.finish(job, self.node_id, state, **outcome)
+                await write()
                 return
             except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("settling job %s failed (try %d): %s", job.job_id, attempt + 1, exc)
+                log.warning("%s failed (try %d): %s", what, attempt + 1, exc)
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # backoff between retries
-        log.error("could not settle job %s; the scheduler will take it back", job.job_id)
+        log.error("%s failed for good; it will be handed back later", what)
+
+    async def reclaim_stranded(self) -> int:
+        """Hand back entries pending under this node id that no runner here holds.
+
+        They come from a previous process with the same id (killed and restarted faster
+        than the node TTL, so the scheduler never saw it die) or from a claim whose reply
+        was lost. Entries younger than ``stranded_after`` seconds are left alone: their claim may
+        still be on its way back to the claim loop.
+        """
+        mine = {job.entry_id for _, job in self._running.values()}
+        streams = [(m, p) for m in self.models for p in keys.PRIORITIES]
+        if not streams:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model, priority in streams:
+                pipe.xpending_range(
+                    keys.stream(model, priority), keys.GROUP, min="-", max="+", count=100,
+                    consumername=self.node_id, idle=int(self.stranded_after * 1000),
+                )  # fmt: skip
+            pending = await pipe.execute(raise_on_error=False)
+        handed = 0
+        for (model, priority), entries in zip(streams, pending, strict=True):
+            if isinstance(entries, Exception):
+                continue  # no such stream yet
+            for entry in entries:
+                entry_id = _text(entry["message_id"])
+                if entry_id in mine:
+                    continue
+                found = await self.redis.xrange(keys.stream(model, priority), entry_id, entry_id)
+                job_id = _text((found[0][1] or {}).get(b"j", b"")) if found else ""
+                await self.store.requeue(
+                    job_id, model, priority, entry_id, self.node_id,
+                    f"node {self.node_id} restarted while holding it",
+                )  # fmt: skip
+                handed += 1
+        if handed:
+            log.warning("worker %s handed back %d stranded job(s)", self.node_id, handed)
+        return handed
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
