@@ -10,21 +10,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-with warnings.catch_warnings():
-    # The marker is registered in pyproject's [tool.pytest.ini_options] markers; until it
-    # is, creating it must not trip the suite's "warnings are errors" setting.
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    chaos = pytest.mark.chaos
 
-
-@chaos
+@pytest.mark.chaos
 @pytest.mark.timeout(170)
 def test_chaos_short_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     report = tmp_path / "chaos.json"
