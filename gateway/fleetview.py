@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from corral import fleet, keys
 from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class FleetView:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+            await cancel_and_wait(self._task)
         await self.redis.zrem(keys.GATEWAYS, self.gateway_id)
 
     async def refresh(self) -> fleet.Fleet:

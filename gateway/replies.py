@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from corral import keys, protocol
 from corral.connections import TRANSIENT_REDIS_ERRORS
 from corral.protocol import Reply
+from corral.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class ReplyRouter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+            await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         resubscribed = False

@@ -12,6 +12,7 @@ from redis import Redis as SyncRedis
 
 from corral import connections, logs, signals
 from corral.settings import SchedulerSettings
+from corral.tasks import cancel_and_wait
 from scheduler.daemon import Scheduler
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,7 @@ async def serve(settings: SchedulerSettings) -> None:
         with signals.graceful_signals(scheduler.request_stop):
             await scheduler.run()
     finally:
-        supervisor.cancel()
-        await asyncio.wait([supervisor])
+        await cancel_and_wait(supervisor)
         for child in children:
             await stop_child(child)
         rq_redis.close()

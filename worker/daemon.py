@@ -27,6 +27,7 @@ from corral.jobs import ClaimedJob, JobStore
 from corral.keys import JobState
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
+from corral.tasks import cancel_and_wait
 from worker.aggregate import Aggregator
 from worker.metrics import HostMetrics, host_addresses
 from worker.ollama import OllamaClient
@@ -131,7 +132,7 @@ class Worker:
         self, claim: asyncio.Task[None], background: list[asyncio.Task[None]]
     ) -> None:
         self._draining = True
-        await _cancel_and_wait(claim)
+        await cancel_and_wait(claim)
         log.info("worker %s draining %d running job(s)", self.node_id, self.busy)
         with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
             await self.heartbeat()
@@ -146,7 +147,7 @@ class Worker:
         if leftover:
             await asyncio.wait(leftover)
         for task in background:
-            await _cancel_and_wait(task)
+            await cancel_and_wait(task)
         with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
             await fleet.remove_node(self.redis, self.node_id)
         log.info("worker %s stopped", self.node_id)
@@ -519,11 +520,3 @@ class Worker:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel a helper task and wait for it, without swallowing our own cancellation."""
-    task.cancel()
-    await asyncio.wait([task])
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
