@@ -273,7 +273,7 @@ def _result(kills: dict[str, Any], same: dict[str, Any], smoke: bool) -> report.
                 "jobs on the killed node",
                 "re-run",
                 "scheduler alive",
-                "still `running` on that node id",
+                "jobs `running` on that node id at the end (re-runs there included)",
                 "clients",
             ],
             [

@@ -410,8 +410,10 @@ class Worker:
                 raise BackendError(str(chunk["error"]), 500, retriable=False)
             aggregate.add(chunk)
             if aggregate.done:
+                # No break: reading to the end of the body lets httpx keep the connection
+                # alive; leaving early closes it and the next job pays a new TCP connect.
                 last = line
-                break
+                continue
             if job.stream:
                 await self._forward(
                     job,
