@@ -450,7 +450,7 @@ def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
     orphaned = int(burst.get("queue_stats", {}).get("orphaned", 0))
     age = burst["heartbeat_max_age_s"]
     age_text = (
-        "at times missing: the scheduler had pruned it from `corral:gateways` as stale"
+        "more than the node ttl: the scheduler pruned the gateway from `corral:gateways`"
         if math.isinf(age)
         else f"{age:.1f} s"
     )
@@ -478,8 +478,13 @@ def _burst_lines(count: int, burst: dict[str, Any]) -> list[str]:
             "queued them was alive and its clients were waiting. Enqueueing the burst keeps "
             "the gateway's event loop and its Redis pool busy for seconds; its heartbeat in "
             "`corral:gateways` (written by the fleet-view loop every second) went stale "
-            f"beyond the node ttl (largest age seen: {age_text}), and the claim script "
-            "(`corral/lua/claim.lua`) cancels every "
+            "beyond the node ttl"
+            + (
+                ", so that the scheduler even pruned it from the registry"
+                if math.isinf(age)
+                else ""
+            )
+            + ", and the claim script (`corral/lua/claim.lua`) cancels every "
             "queued job of a gateway it considers gone, in one call, without publishing "
             "anything on the gateway's reply channel: those clients get no answer until "
             "their request timeout.",
