@@ -352,8 +352,8 @@ def _limits(
         f"- The largest stage is `{name}` (p50 {worst * 1e3:.2f} ms). The worker's call to "
         f"its Ollama takes p50 {med[call] * 1e3:.2f} ms where the same request sent "
         f"directly takes {p['direct'][50] * 1e3:.2f} ms: about {own * 1e3:.2f} ms of it is "
-        "the worker's own handling (its httpx client, the NDJSON aggregation, and the "
-        "reply half of the claim round trip).",
+        "the worker's own handling (its HTTP client to Ollama, the NDJSON aggregation, and "
+        "the reply half of the claim round trip).",
         f"- The worker spends {per.get('worker-n1', 0):.2f} ms of CPU per request, the "
         f"gateway {per.get('gateway', 0):.2f} ms, Redis {per.get('redis', 0):.2f} ms, "
         "the fake Ollama "
@@ -369,15 +369,16 @@ def _limits(
         f"reading the body to its end costs {full['ms_per_call']:.2f} ms and "
         f"{full['cpu_us_per_call']:.0f} µs CPU with {full['new_connections_per_call']:.2f}."
         + (
-            " httpx closes a response that was not read to its end instead of returning "
-            "its connection to the pool, so a worker that stops reading at the `done` line "
-            "pays a TCP connect and close per job."
+            " The client closes a response that was not read to its end instead of "
+            "returning its connection to the pool, so a worker that stops reading at the "
+            "`done` line pays a TCP connect and close per job."
             if stop["new_connections_per_call"] > 0.5 > full["new_connections_per_call"]
             else ""
         ),
-        f"- Even with reuse, a call through httpx (with httpcore, anyio and h11) costs about "
-        f"{full['cpu_us_per_call'] / 1000:.1f} ms of CPU on this machine, against a goal of "
-        "1 ms for everything Corral adds; the profiles below show where the rest goes.",
+        f"- A call through the worker's Ollama client costs about "
+        f"{full['cpu_us_per_call'] / 1000:.2f} ms of CPU on this machine (client side "
+        "only), against a goal of 1 ms for everything Corral adds; the profiles below show "
+        "where the rest of each process's time goes.",
         "",
     ]
     return out

@@ -354,3 +354,45 @@ async def test_restarted_worker_hands_back_what_its_predecessor_held(
         await until(lambda: _job_state(redis, job_id), "done")
     view = await store.get(job_id)
     assert view is not None and view["attempts"] == 2 and view["node"] == "node1"
+
+
+async def test_rq_dashboard_requeue_sends_a_dead_job_back_through_the_fleet(
+    start_cluster: StartCluster, redis: Redis, redis_url: str
+) -> None:
+    from flask import Flask
+    from rq.job import Job
+
+    import rq_dashboard
+
+    cluster = await start_cluster(
+        [FakeOllamaConfig(fail_next=100)],
+        scheduler={"max_attempts": 1, "retry_base": 0.05, "retry_cap": 0.05},
+    )
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        submitted = await http.post(
+            "/jobs", json={"kind": "generate", "wait": False, "request": GENERATE}
+        )
+    job_id = submitted.json()["id"]
+    await until(lambda: _job_state(redis, job_id), "dead")
+    sync = SyncRedis.from_url(redis_url)
+    registry = FailedJobRegistry(queue=Queue(keys.RETRY_QUEUE, connection=sync))
+
+    async def dead_letters() -> int:
+        return len(await asyncio.to_thread(registry.get_job_ids))
+
+    await until(dead_letters, 1)
+    rq_id = registry.get_job_ids()[0]
+    assert Job.fetch(rq_id, connection=sync).meta["corral_job"] == job_id
+
+    app = Flask("dashboard")
+    app.config.from_object(rq_dashboard.default_settings)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = redis_url
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
+    rq_dashboard.web.setup_rq_connection(app)  # what `rq-dashboard` does at start-up
+    cluster.nodes[0].fake.fake.configure(fail_next=0)
+    pressed = await asyncio.to_thread(app.test_client().post, f"/rq/job/{rq_id}/requeue")
+    assert pressed.status_code == 200  # the dashboard's Requeue button
+    await until(lambda: _job_state(redis, job_id), "done")
+    view = await JobStore(redis, job_ttl=60, result_ttl=60).get(job_id)
+    assert view is not None and view["result"]["response"] == "echo: try again"
+    sync.close()
