@@ -359,10 +359,9 @@ async def test_restarted_worker_hands_back_what_its_predecessor_held(
 async def test_rq_dashboard_requeue_sends_a_dead_job_back_through_the_fleet(
     start_cluster: StartCluster, redis: Redis, redis_url: str
 ) -> None:
+    import rq_dashboard
     from flask import Flask
     from rq.job import Job
-
-    import rq_dashboard
 
     cluster = await start_cluster(
         [FakeOllamaConfig(fail_next=100)],
