@@ -25,28 +25,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def serve(settings: WorkerSettings) -> None:
-    redis = connections.pooled(settings.redis_url, settings.redis_pool_size)
-    bell = connections.blocking(settings.redis_url, settings.bell_timeout)
-    pubsub = connections.blocking(settings.redis_url, None)
+def build(settings: WorkerSettings, metrics: HostMetrics | None = None) -> Worker:
+    """A worker with its own Redis and Ollama clients (closed by ``close(worker)``)."""
     ollama = OllamaClient(
         settings.ollama_url,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         slots=settings.resolved_slots(),
     )
+    return Worker(
+        settings,
+        redis=connections.pooled(settings.redis_url, settings.redis_pool_size),
+        bell=connections.blocking(settings.redis_url, settings.bell_timeout),
+        pubsub=connections.blocking(settings.redis_url, None),
+        ollama=ollama,
+        metrics=metrics,
+    )
+
+
+async def close(worker: Worker) -> None:
+    await worker.ollama.aclose()
+    for client in (worker.bell, worker.pubsub, worker.redis):
+        with contextlib.suppress(*connections.TRANSIENT_REDIS_ERRORS):
+            await client.aclose()
+
+
+async def serve(settings: WorkerSettings) -> None:
     metrics = HostMetrics()
-    worker = Worker(settings, redis=redis, bell=bell, pubsub=pubsub, ollama=ollama, metrics=metrics)
+    worker = build(settings, metrics)
     try:
-        await connections.ping(redis)
+        await connections.ping(worker.redis)
         with signals.graceful_signals(worker.request_stop):
             await worker.run()
     finally:
         metrics.close()
-        await ollama.aclose()
-        for client in (bell, pubsub, redis):
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        await close(worker)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -25,7 +25,6 @@ class LocalNode:
     fake: FakeOllamaServer
     worker: Any  # worker.daemon.Worker; typed loosely so corral/ never imports worker/
     task: asyncio.Task[None]
-    clients: list[Any] = field(default_factory=list)
 
     async def stop(self, *, graceful: bool = True) -> None:
         """Stop the worker (drain, hand back) and then its fake Ollama."""
@@ -34,8 +33,9 @@ class LocalNode:
         else:
             self.task.cancel()
         await asyncio.wait([self.task])
-        for client in self.clients:
-            await client.aclose()
+        from worker.main import close
+
+        await close(self.worker)
         await self.fake.stop()
 
 
@@ -150,8 +150,7 @@ class LocalCluster:
     async def add_node(
         self, config: FakeOllamaConfig, *, slots: int | None = None, **overrides: Any
     ) -> LocalNode:
-        from worker.daemon import Worker
-        from worker.ollama import OllamaClient
+        from worker.main import build
 
         fake = await start_fake_ollama(config)
         node_id = overrides.pop("node_id", f"node{len(self.nodes) + 1}")
@@ -162,23 +161,14 @@ class LocalCluster:
             num_parallel=slots or config.num_parallel,
             **{"heartbeat_interval": 0.5, "drain_timeout": 5.0, **overrides},
         )
-        redis = connections.pooled(self.redis_url, 16)
-        bell = connections.blocking(self.redis_url, settings.bell_timeout)
-        pubsub = connections.blocking(self.redis_url, None)
-        ollama = OllamaClient(
-            fake.url,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            slots=settings.resolved_slots(),
-        )
-        instance = Worker(settings, redis=redis, bell=bell, pubsub=pubsub, ollama=ollama)
+        instance = build(settings)
         task = asyncio.create_task(instance.run(), name=f"worker-{node_id}")
         ready = asyncio.create_task(instance.ready.wait())
         await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             ready.cancel()
             await task  # surfaces the start-up error
-        node = LocalNode(node_id, fake, instance, task, [ollama, bell, pubsub, redis])
+        node = LocalNode(node_id, fake, instance, task)
         self.nodes.append(node)
         return node
 
