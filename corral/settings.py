@@ -29,6 +29,12 @@ class CommonSettings(BaseSettings):
     node_ttl: float = Field(
         6.0, gt=0, description="seconds without a heartbeat before a node counts as dead"
     )
+    gateway_ttl: float = Field(
+        30.0,
+        gt=0,
+        description="seconds without a heartbeat before a gateway counts as gone "
+        "(its waiting clients' jobs are then cancelled as orphans)",
+    )
     job_ttl: int = Field(
         3600, gt=0, description="seconds the record and result of a wait=false job is kept"
     )

@@ -87,5 +87,5 @@ class Scheduler:
         await self.retries.drain()
         await self.retries.release_due()
         await housekeeping.trim_acknowledged(self.redis, models)
-        await housekeeping.prune_gateways(self.redis, self.settings.node_ttl)
+        await housekeeping.prune_gateways(self.redis, self.settings.gateway_ttl)
         self.passes += 1

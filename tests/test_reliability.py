@@ -198,7 +198,7 @@ async def test_orphaned_jobs_are_cancelled_unless_wait_false(
     cluster = await start_cluster(
         [FakeOllamaConfig(num_parallel=1, token_rate=100)],
         gateway={"fleet_refresh": 0.2},
-        worker={"node_ttl": 1.0},
+        worker={"gateway_ttl": 1.0},
     )
     fake = cluster.nodes[0].fake.fake
     port = free_port()

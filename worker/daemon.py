@@ -71,7 +71,7 @@ class Worker:
             redis,
             job_ttl=settings.job_ttl,
             result_ttl=settings.result_ttl,
-            gateway_ttl=settings.node_ttl,
+            gateway_ttl=settings.gateway_ttl,
         )
         self.ready = asyncio.Event()
         """Set once models are discovered and the first heartbeat is out."""
@@ -256,7 +256,7 @@ class Worker:
             return set()
         names = sorted(gateways)
         scores = await self.redis.zmscore(keys.GATEWAYS, [n.decode() for n in names])
-        cutoff = time.time() - self.settings.node_ttl
+        cutoff = time.time() - self.settings.gateway_ttl
         return {name for name, seen in zip(names, scores, strict=True) if seen and seen >= cutoff}
 
     # -- cancellation ----------------------------------------------------------------

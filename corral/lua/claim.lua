@@ -4,7 +4,7 @@
 -- KEYS: 1..10 streams p0..p9, 11 queued counter, 12 doorbell, 13 stats, 14 live gateways
 -- ARGV: 1 group, 2 consumer (node id), 3 now (unix seconds), 4 job key prefix,
 --       5 reply channel prefix, 6 record ttl (s) for a job that ends in the queue,
---       7 seconds without a heartbeat after which a gateway is gone
+--       7 seconds without a heartbeat after which a gateway is gone (CORRAL_GATEWAY_TTL)
 -- Returns {priority, entry id, job id, kind, request, stream flag, gateway id, attempts}
 -- or false when nothing is waiting (the doorbell is cleared then, so stale rings stop).
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
@@ -38,6 +38,10 @@ for i = 1, 10 do
           'error', 'orphaned: the gateway its client waited on is gone', 'status', '499')
         redis.call('EXPIRE', jk, tonumber(ARGV[6]))
         redis.call('HINCRBY', KEYS[13], 'orphaned', 1)
+        -- Tell the gateway anyway: if it was only slow to heartbeat, its client gets an
+        -- answer instead of waiting out its timeout.
+        redis.call('PUBLISH', ARGV[5] .. rec[5], jid ..
+          ' 0 E {"error":"orphaned: its gateway stopped heartbeating","status":503}')
         state = 'cancelled'
       end
     end
