@@ -93,11 +93,7 @@ async def test_dead_letter_after_attempts_then_requeue_completes(
     registry = FailedJobRegistry(
         queue=Queue(keys.RETRY_QUEUE, connection=SyncRedis.from_url(redis_url))
     )
-
-    async def dead_letters() -> int:
-        return len(await asyncio.to_thread(registry.get_job_ids))
-
-    await until(dead_letters, 1)  # RQ files it just after the client heard of it
+    await until(lambda: _dead_letter_count(registry), 1)  # filed just after the client heard
     letters = registry.get_job_ids()
     from rq.job import Job
 
@@ -285,6 +281,10 @@ async def test_scheduler_failover(redis_url: str, redis: Redis) -> None:
         first.wait(10)
 
 
+async def _dead_letter_count(registry: FailedJobRegistry) -> int:
+    return len(await asyncio.to_thread(registry.get_job_ids))
+
+
 async def _lease_pid(redis: Redis) -> int | None:
     holder = await redis.get(keys.SCHEDULER_LEASE)
     return int(holder.decode().split("-")[-2]) if holder else None
@@ -375,11 +375,7 @@ async def test_rq_dashboard_requeue_sends_a_dead_job_back_through_the_fleet(
     await until(lambda: _job_state(redis, job_id), "dead")
     sync = SyncRedis.from_url(redis_url)
     registry = FailedJobRegistry(queue=Queue(keys.RETRY_QUEUE, connection=sync))
-
-    async def dead_letters() -> int:
-        return len(await asyncio.to_thread(registry.get_job_ids))
-
-    await until(dead_letters, 1)
+    await until(lambda: _dead_letter_count(registry), 1)
     rq_id = registry.get_job_ids()[0]
     assert Job.fetch(rq_id, connection=sync).meta["corral_job"] == job_id
 
