@@ -8,6 +8,16 @@
 -- Returns {priority, entry id, job id, kind, request, stream flag, gateway id, attempts}
 -- or false when nothing is waiting (the doorbell is cleared then, so stale rings stop).
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
+
+-- End a queued job without running it: record why, and tell its gateway with `reply`.
+local function end_in_queue(jk, jid, gw, state, error, status, counter, reply)
+  redis.call('HSET', jk, 'state', state, 'finished', now, 'error', error, 'status', status)
+  redis.call('EXPIRE', jk, tonumber(ARGV[6]))
+  redis.call('HINCRBY', KEYS[13], counter, 1)
+  redis.call('PUBLISH', ARGV[5] .. gw, jid .. ' 0 E ' .. reply)
+  return state
+end
+
 for i = 1, 10 do
   while true do
     local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[i], '>')
@@ -22,27 +32,18 @@ for i = 1, 10 do
     local state, deadline = rec[1], tonumber(rec[6])
     if state == 'queued' and deadline and deadline > 0 and deadline < tonumber(now) then
       -- Expired while waiting: never start it, and tell the waiting client why.
-      redis.call('HSET', jk, 'state', 'expired', 'finished', now,
-        'error', 'job expired before a node could start it', 'status', '408')
-      redis.call('EXPIRE', jk, tonumber(ARGV[6]))
-      redis.call('HINCRBY', KEYS[13], 'expired', 1)
-      redis.call('PUBLISH', ARGV[5] .. rec[5], jid ..
-        ' 0 E {"error":"job expired before a node could start it","status":408}')
-      state = 'expired'
+      state = end_in_queue(jk, jid, rec[5], 'expired', 'job expired before a node could start it',
+        '408', 'expired', '{"error":"job expired before a node could start it","status":408}')
     end
     if state == 'queued' and rec[7] == '1' then
       -- Orphan: the client waits on a gateway that is gone, so nobody could get the answer.
       local seen = tonumber(redis.call('ZSCORE', KEYS[14], rec[5]) or '0')
       if seen < tonumber(now) - tonumber(ARGV[7]) then
-        redis.call('HSET', jk, 'state', 'cancelled', 'finished', now,
-          'error', 'orphaned: the gateway its client waited on is gone', 'status', '499')
-        redis.call('EXPIRE', jk, tonumber(ARGV[6]))
-        redis.call('HINCRBY', KEYS[13], 'orphaned', 1)
         -- Tell the gateway anyway: if it was only slow to heartbeat, its client gets an
         -- answer instead of waiting out its timeout.
-        redis.call('PUBLISH', ARGV[5] .. rec[5], jid ..
-          ' 0 E {"error":"orphaned: its gateway stopped heartbeating","status":503}')
-        state = 'cancelled'
+        state = end_in_queue(jk, jid, rec[5], 'cancelled',
+          'orphaned: the gateway its client waited on is gone', '499', 'orphaned',
+          '{"error":"orphaned: its gateway stopped heartbeating","status":503}')
       end
     end
     if state == 'queued' then
