@@ -17,6 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from corral import keys, protocol
+from corral.batching import ScriptBatcher
 from corral.errors import QueueFull
 from corral.keys import JobKind, JobState
 from corral.scripts import Scripts
@@ -77,6 +78,7 @@ class JobStore:
     ) -> None:
         self.redis = redis
         self.scripts = Scripts(redis)
+        self.batch = ScriptBatcher(redis)
         self.job_ttl = job_ttl
         self.result_ttl = result_ttl
         self.gateway_ttl = gateway_ttl
@@ -113,8 +115,9 @@ class JobStore:
             "attempts",
             0,
         ]
-        depth = await self.scripts.enqueue(
-            keys=[
+        depth = await self.batch.call(
+            self.scripts.enqueue,
+            [
                 keys.job(spec.job_id),
                 keys.stream(spec.model, spec.priority),
                 keys.queued_count(spec.model),
@@ -122,7 +125,7 @@ class JobStore:
                 keys.STATS,
                 keys.MODELS,
             ],
-            args=[keys.GROUP, max_queue, DOORBELL_CAP, spec.job_id, spec.model, *fields],
+            [keys.GROUP, max_queue, DOORBELL_CAP, spec.job_id, spec.model, *fields],
         )
         if int(depth) < 0:
             raise QueueFull(
@@ -133,6 +136,12 @@ class JobStore:
 
     async def claim(self, model: str, consumer: str) -> ClaimedJob | None:
         """Claim the most urgent runnable job of ``model``, or None when none waits."""
+        jobs = await self.claim_many(model, consumer, 1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(self, model: str, consumer: str, limit: int) -> list[ClaimedJob]:
+        """Claim up to ``limit`` runnable jobs of ``model`` in one round trip, most urgent
+        first; an empty list when none waits."""
         reply = await self.scripts.claim(
             keys=[
                 *keys.streams(model),
@@ -149,22 +158,23 @@ class JobStore:
                 keys.reply_channel(""),
                 self.job_ttl,
                 self.gateway_ttl,
+                limit,
             ],
         )
-        if not reply:
-            return None
-        prio, entry, job_id, kind, request, stream, gw, attempt = reply
-        return ClaimedJob(
-            job_id=job_id.decode(),
-            kind=JobKind(kind.decode()),
-            model=model,
-            priority=int(prio),
-            entry_id=entry.decode(),
-            request=request,
-            stream=stream == b"1",
-            gateway_id=gw.decode(),
-            attempt=int(attempt),
-        )
+        return [
+            ClaimedJob(
+                job_id=job_id.decode(),
+                kind=JobKind(kind.decode()),
+                model=model,
+                priority=int(prio),
+                entry_id=entry.decode(),
+                request=request,
+                stream=stream == b"1",
+                gateway_id=gw.decode(),
+                attempt=int(attempt),
+            )
+            for prio, entry, job_id, kind, request, stream, gw, attempt in reply or ()
+        ]
 
     async def finish(
         self,
@@ -178,9 +188,10 @@ class JobStore:
         message: bytes = b"",
     ) -> bool:
         """Settle an attempt; False when the job had moved on (then nothing was published)."""
-        settled = await self.scripts.finish(
-            keys=[keys.job(job.job_id), job.stream_key, keys.STATS, keys.output(job.job_id)],
-            args=[
+        settled = await self.batch.call(
+            self.scripts.finish,
+            [keys.job(job.job_id), job.stream_key, keys.STATS, keys.output(job.job_id)],
+            [
                 keys.GROUP,
                 consumer,
                 job.entry_id,

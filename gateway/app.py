@@ -20,6 +20,7 @@ from gateway.dialect import openai_error
 from gateway.fleetview import FleetView
 from gateway.replies import ReplyRouter
 from gateway.routes import jobs, ollama, openai
+from gateway.routing import IndexedRouter
 from gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await pubsub.aclose()
             await redis.aclose()
 
-    return Starlette(
-        routes=[*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES],
-        lifespan=lifespan,
-        exception_handlers={RequestError: _request_error, RedisError: _redis_error},
-    )
+    app = Starlette(exception_handlers={RequestError: _request_error, RedisError: _redis_error})
+    app.router = IndexedRouter([*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES], lifespan=lifespan)
+    return app

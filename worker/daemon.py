@@ -40,6 +40,9 @@ STRANDED_AFTER = 5.0
 FAIRNESS_EVERY = 8
 """Every Nth claim looks at models that are not loaded first, so they cannot starve."""
 
+CLAIM_BATCH = 16
+"""Most jobs one claim call takes (bounded so one Lua call stays short)."""
+
 
 @dataclass(slots=True)
 class Progress:
@@ -288,26 +291,53 @@ class Worker:
     # -- claiming --------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        drained = False
         while True:
             await self._slots.acquire()
+            held = 1
             try:
-                job = await self._next_job()
+                # Every slot free right now goes into one claim: a busy node then pays one
+                # round trip per batch of jobs instead of one per job.
+                while held < CLAIM_BATCH and not self._slots.locked():
+                    await self._slots.acquire()  # free: returns at once
+                    held += 1
+                if drained:
+                    # The last claim emptied every queue (and cleared the doorbells), so
+                    # a claim now would find nothing: wait for the next ring instead.
+                    with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):  # then claim retries
+                        await self._wait_for_work(self._claim_order())
+                jobs, drained = await self._next_jobs(held)
             except BaseException:
-                self._slots.release()
+                for _ in range(held):
+                    self._slots.release()
                 raise
-            self._start(job)
+            for job in jobs:
+                self._start(job)
+            for _ in range(held - len(jobs)):
+                self._slots.release()
+            await asyncio.sleep(0)  # let the new jobs send their requests before we claim on
 
-    async def _next_job(self) -> ClaimedJob:
+    async def _next_jobs(self, limit: int) -> tuple[list[ClaimedJob], bool]:
+        """Up to ``limit`` claimed jobs, at least one: waits on the doorbells for work.
+
+        The flag says whether the claim found every queue of this node empty.
+        """
         while True:
             order = self._claim_order()
+            jobs: list[ClaimedJob] = []
             try:
                 for model in order:
-                    job = await self.store.claim(model, self.node_id)
-                    if job is not None:
-                        self._claims += 1
-                        return job
+                    jobs += await self.store.claim_many(model, self.node_id, limit - len(jobs))
+                    if len(jobs) == limit:
+                        break
+                if jobs:
+                    self._claims += 1
+                    return jobs, len(jobs) < limit
                 await self._wait_for_work(order)
             except TRANSIENT_REDIS_ERRORS as exc:
+                if jobs:  # claimed before the failure: run those, they are ours
+                    self._claims += 1
+                    return jobs, False
                 log.warning("claiming failed, retrying: %r", exc)
                 await asyncio.sleep(0.5)  # back off from a Redis outage
 

@@ -1,13 +1,18 @@
--- Claim at most one job of one model, most urgent priority first, and mark it running.
+-- Claim up to ARGV[8] jobs of one model, most urgent priority first, and mark them running.
 -- Non-blocking on purpose: a multi-stream XREADGROUP would hand out COUNT entries per stream
--- and ignore BLOCK, so workers wait on the doorbell and then call this.
+-- and ignore BLOCK, so workers wait on the doorbell and then call this. One call claims as
+-- many jobs as the worker has free slots, so a busy node pays one round trip per batch.
 -- KEYS: 1..10 streams p0..p9, 11 queued counter, 12 doorbell, 13 stats, 14 live gateways
 -- ARGV: 1 group, 2 consumer (node id), 3 now (unix seconds), 4 job key prefix,
 --       5 reply channel prefix, 6 record ttl (s) for a job that ends in the queue,
---       7 seconds without a heartbeat after which a gateway is gone (CORRAL_GATEWAY_TTL)
--- Returns {priority, entry id, job id, kind, request, stream flag, gateway id, attempts}
--- or false when nothing is waiting (the doorbell is cleared then, so stale rings stop).
+--       7 seconds without a heartbeat after which a gateway is gone (CORRAL_GATEWAY_TTL),
+--       8 most jobs to claim (free slots)
+-- Returns a list of {priority, entry id, job id, kind, request, stream flag, gateway id,
+-- attempts}, most urgent first; empty when nothing waits (the doorbell is cleared then, so
+-- stale rings stop).
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
+local want = tonumber(ARGV[8] or '1')
+local claimed = {}
 
 -- End a queued job without running it: record why, and tell its gateway with `reply`.
 local function end_in_queue(jk, jid, gw, state, error, status, counter, reply)
@@ -18,42 +23,59 @@ local function end_in_queue(jk, jid, gw, state, error, status, counter, reply)
   return state
 end
 
-for i = 1, 10 do
-  while true do
-    local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[i], '>')
-    if type(r) ~= 'table' or r.err or r[1] == nil then
-      break
+-- Take one delivered entry: mark its job running and add it to `claimed`, or settle the
+-- entry when its job must not run.
+local function take(i, entry)
+  local eid, jid = entry[1], entry[2][2]
+  redis.call('DECR', KEYS[11])
+  local jk = ARGV[4] .. jid
+  local rec = redis.call('HMGET', jk, 'state', 'kind', 'req', 'stream', 'gw', 'deadline', 'wait')
+  local state, deadline = rec[1], tonumber(rec[6])
+  if state == 'queued' and deadline and deadline > 0 and deadline < tonumber(now) then
+    -- Expired while waiting: never start it, and tell the waiting client why.
+    state = end_in_queue(jk, jid, rec[5], 'expired', 'job expired before a node could start it',
+      '408', 'expired', '{"error":"job expired before a node could start it","status":408}')
+  end
+  if state == 'queued' and rec[7] == '1' then
+    -- Orphan: the client waits on a gateway that is gone, so nobody could get the answer.
+    local seen = tonumber(redis.call('ZSCORE', KEYS[14], rec[5]) or '0')
+    if seen < tonumber(now) - tonumber(ARGV[7]) then
+      -- Tell the gateway anyway: if it was only slow to heartbeat, its client gets an
+      -- answer instead of waiting out its timeout.
+      state = end_in_queue(jk, jid, rec[5], 'cancelled',
+        'orphaned: the gateway its client waited on is gone', '499', 'orphaned',
+        '{"error":"orphaned: its gateway stopped heartbeating","status":503}')
     end
-    local entry = r[1][2][1]
-    local eid, jid = entry[1], entry[2][2]
-    redis.call('DECR', KEYS[11])
-    local jk = ARGV[4] .. jid
-    local rec = redis.call('HMGET', jk, 'state', 'kind', 'req', 'stream', 'gw', 'deadline', 'wait')
-    local state, deadline = rec[1], tonumber(rec[6])
-    if state == 'queued' and deadline and deadline > 0 and deadline < tonumber(now) then
-      -- Expired while waiting: never start it, and tell the waiting client why.
-      state = end_in_queue(jk, jid, rec[5], 'expired', 'job expired before a node could start it',
-        '408', 'expired', '{"error":"job expired before a node could start it","status":408}')
-    end
-    if state == 'queued' and rec[7] == '1' then
-      -- Orphan: the client waits on a gateway that is gone, so nobody could get the answer.
-      local seen = tonumber(redis.call('ZSCORE', KEYS[14], rec[5]) or '0')
-      if seen < tonumber(now) - tonumber(ARGV[7]) then
-        -- Tell the gateway anyway: if it was only slow to heartbeat, its client gets an
-        -- answer instead of waiting out its timeout.
-        state = end_in_queue(jk, jid, rec[5], 'cancelled',
-          'orphaned: the gateway its client waited on is gone', '499', 'orphaned',
-          '{"error":"orphaned: its gateway stopped heartbeating","status":503}')
-      end
-    end
-    if state == 'queued' then
-      local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
-      redis.call('HSET', jk, 'state', 'running', 'node', consumer, 'started', now, 'entry', eid)
-      return {i - 1, eid, jid, rec[2], rec[3], rec[4], rec[5], attempts}
-    end
+  end
+  if state == 'queued' then
+    local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
+    redis.call('HSET', jk, 'state', 'running', 'node', consumer, 'started', now, 'entry', eid)
+    claimed[#claimed + 1] = {i - 1, eid, jid, rec[2], rec[3], rec[4], rec[5], attempts}
+  else
     -- Cancelled, expired or vanished while queued: nothing to run, so settle the entry.
     redis.call('XACK', KEYS[i], group, eid)
   end
 end
+
+for i = 1, 10 do
+  while #claimed < want do
+    local asked = want - #claimed
+    local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', asked,
+      'STREAMS', KEYS[i], '>')
+    if type(r) ~= 'table' or r.err or r[1] == nil then
+      break
+    end
+    local entries = r[1][2]
+    for _, entry in ipairs(entries) do
+      take(i, entry)
+    end
+    if #entries < asked then
+      break -- this stream is empty now
+    end
+  end
+  if #claimed >= want then
+    return claimed
+  end
+end
 redis.call('DEL', KEYS[12])
-return false
+return claimed
