@@ -46,6 +46,7 @@ class Fleet:
 
     nodes: list[NodeRecord] = field(default_factory=list)
     taken_at: float = 0.0
+    _served: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def models(self) -> dict[str, NodeRecord]:
         """Each model served by a running node, with one node's ``/api/tags`` entry for it."""
@@ -58,11 +59,10 @@ class Fleet:
         return union
 
     def has_model(self, model: str) -> bool:
-        return any(
-            node.get("state") == "running"
-            and any((m.get("name") or m.get("model")) == model for m in node.get("models", []))
-            for node in self.nodes
-        )
+        # Asked once per request: a set built once per snapshot, not a scan of every node.
+        if self._served is None:
+            self._served = frozenset(self.models())
+        return model in self._served
 
     def loaded(self) -> list[NodeRecord]:
         """``/api/ps`` entries across nodes, each tagged with the node that has it."""

@@ -88,33 +88,6 @@ class JobStore:
 
         Raises ``QueueFull`` (nothing stored) when the model already has ``max_queue``.
         """
-        now = time.time()
-        fields: list[Any] = [
-            "id",
-            spec.job_id,
-            "kind",
-            spec.kind.value,
-            "model",
-            spec.model,
-            "prio",
-            spec.priority,
-            "state",
-            JobState.QUEUED.value,
-            "gw",
-            spec.gateway_id,
-            "stream",
-            int(spec.stream),
-            "wait",
-            int(spec.wait),
-            "req",
-            spec.request,
-            "created",
-            repr(now),
-            "deadline",
-            repr(spec.deadline),
-            "attempts",
-            0,
-        ]
         depth = await self.batch.call(
             self.scripts.enqueue,
             [
@@ -125,7 +98,21 @@ class JobStore:
                 keys.STATS,
                 keys.MODELS,
             ],
-            [keys.GROUP, max_queue, DOORBELL_CAP, spec.job_id, spec.model, *fields],
+            [
+                keys.GROUP,
+                max_queue,
+                DOORBELL_CAP,
+                spec.job_id,
+                spec.model,
+                spec.kind.value,
+                spec.priority,
+                spec.gateway_id,
+                int(spec.stream),
+                int(spec.wait),
+                spec.request,
+                repr(time.time()),
+                repr(spec.deadline),
+            ],
         )
         if int(depth) < 0:
             raise QueueFull(

@@ -3,14 +3,15 @@
 Starlette tries each route's regular expression in turn; with every Ollama, OpenAI and
 job path registered, that scan was a tenth of the gateway's CPU per request. Fixed paths
 (all but ``/jobs/{id}`` and ``/api/blobs/{digest}``) are found by one dictionary lookup on
-(method, path); anything else, including a wrong method (405), takes Starlette's own path.
+(method, path); anything else, including a wrong method (405) and any request under a
+``root_path`` (a mounted app), takes Starlette's own path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from starlette.routing import BaseRoute, Route, Router, get_route_path
+from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send
 
 
@@ -24,8 +25,8 @@ class IndexedRouter(Router):
                     self.fixed.setdefault((method, route.path), route)
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            route = self.fixed.get((scope["method"], get_route_path(scope)))
+        if scope["type"] == "http" and not scope.get("root_path"):
+            route = self.fixed.get((scope["method"], scope["path"]))
             if route is not None:
                 scope.setdefault("router", self)
                 scope["route"] = route

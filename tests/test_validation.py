@@ -154,3 +154,15 @@ async def test_queue_full_is_503_with_retry_after(
         assert full.status_code == 503
         assert full.headers["retry-after"] == "1"
         assert "server busy" in full.json()["error"]
+
+
+async def test_routing_wrong_methods_and_unknown_paths(http: httpx.AsyncClient) -> None:
+    """The indexed fast path must answer exactly as Starlette's own routing would."""
+    assert (await http.head("/")).status_code == 200
+    assert (await http.get("/")).text == "Ollama is running"
+    assert (await http.get("/api/generate")).status_code == 405
+    assert (await http.delete("/api/tags")).status_code == 405
+    assert (await http.get("/api/nothing-here")).status_code == 404
+    missing = await http.get("/jobs/0123456789abcdef")
+    assert missing.status_code == 404 and "error" in missing.json()
+    assert (await http.post("/api/pull", json={"model": "x"})).status_code == 403
