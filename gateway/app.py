@@ -20,7 +20,7 @@ from gateway.dialect import openai_error
 from gateway.fleetview import FleetView
 from gateway.replies import ReplyRouter
 from gateway.routes import jobs, ollama, openai
-from gateway.routing import IndexedRouter
+from gateway.routing import ErrorHandler, FrontDoor
 from gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,12 @@ async def _redis_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, "the job queue is unavailable, try again", 503)
 
 
-def create_app(settings: GatewaySettings) -> Starlette:
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error serving %s", request.url.path, exc_info=exc)
+    return error_response(request.url.path, "internal server error", 500)
+
+
+def create_app(settings: GatewaySettings) -> FrontDoor:
     gateway_id = settings.resolved_gateway_id()
 
     @contextlib.asynccontextmanager
@@ -77,6 +82,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await pubsub.aclose()
             await redis.aclose()
 
-    app = Starlette(exception_handlers={RequestError: _request_error, RedisError: _redis_error})
-    app.router = IndexedRouter([*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES], lifespan=lifespan)
-    return app
+    routes = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES]
+    handlers: dict[type[Exception], ErrorHandler] = {
+        RequestError: _request_error,
+        RedisError: _redis_error,
+        Exception: _internal_error,
+    }
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return FrontDoor(app, routes, handlers)

@@ -20,7 +20,7 @@ from corral import protocol
 from corral.jobs import JobSpec, JobStore
 from corral.protocol import Reply
 from gateway.dialect import Dialect
-from gateway.replies import DISCONNECTED, ReplyRouter
+from gateway.replies import DISCONNECTED, Inbox, ReplyRouter
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class JobResponse(Response):
         store: JobStore,
         router: ReplyRouter,
         dialect: Dialect,
-        queue: asyncio.Queue[Reply],
+        queue: Inbox,
         timeout: float,
     ) -> None:
         # Not Response.__init__: this response has no body up front, only a job to relay.

@@ -1,37 +1,69 @@
-"""Starlette's router with a lookup table in front for the fixed paths.
+"""The gateway's front door: fixed paths go straight to their endpoint.
 
-Starlette tries each route's regular expression in turn; with every Ollama, OpenAI and
-job path registered, that scan was a tenth of the gateway's CPU per request. Fixed paths
-(all but ``/jobs/{id}`` and ``/api/blobs/{digest}``) are found by one dictionary lookup on
-(method, path); anything else, including a wrong method (405) and any request under a
-``root_path`` (a mounted app), takes Starlette's own path.
+Starlette sends every request through two middlewares, a router that tries each route's
+regular expression in turn, and two exception wrappers. For the job paths that cost a
+fifth of the gateway's CPU per request, and each layer's suspended coroutine stays in
+memory for as long as the request waits for a node. Here a request for a fixed path
+(all but ``/jobs/{id}`` and ``/api/blobs/{digest}``) is found by one dictionary lookup
+on (method, path) and its endpoint is called directly, with the app's exception
+handlers applied the way Starlette applies them. Everything else (a wrong method's 405,
+a path with parameters, a request under a ``root_path``, the lifespan) goes through the
+Starlette app unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from starlette.routing import BaseRoute, Route, Router
+from starlette.applications import Starlette
+from starlette.datastructures import State
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
-class IndexedRouter(Router):
-    def __init__(self, routes: Sequence[BaseRoute], **options: object) -> None:
-        super().__init__(list(routes), **options)  # type: ignore[arg-type]
-        self.fixed: dict[tuple[str, str], Route] = {}
+
+class FrontDoor:
+    def __init__(
+        self,
+        app: Starlette,
+        routes: Sequence[BaseRoute],
+        handlers: Mapping[type[Exception], ErrorHandler],
+    ) -> None:
+        self.app = app
+        self.handlers = dict(handlers)
+        self.fixed: dict[tuple[str, str], Endpoint] = {}
         for route in routes:
             if isinstance(route, Route) and not route.param_convertors and route.methods:
                 for method in route.methods:
-                    self.fixed.setdefault((method, route.path), route)
+                    self.fixed.setdefault((method, route.path), route.endpoint)
 
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @property
+    def state(self) -> State:
+        return self.app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
-            route = self.fixed.get((scope["method"], scope["path"]))
-            if route is not None:
-                scope.setdefault("router", self)
-                scope["route"] = route
-                scope["endpoint"] = route.endpoint
-                scope["path_params"] = {}
-                await route.handle(scope, receive, send)
+            endpoint = self.fixed.get((scope["method"], scope["path"]))
+            if endpoint is not None:
+                scope["app"] = self.app
+                request = Request(scope, receive, send)
+                try:
+                    response = await endpoint(request)
+                except Exception as exc:
+                    handler = self._handler_for(exc)
+                    if handler is None:
+                        raise  # uvicorn answers 500 and logs it, as Starlette's would
+                    response = await handler(request, exc)
+                await response(scope, receive, send)
                 return
-        await super().app(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _handler_for(self, exc: Exception) -> ErrorHandler | None:
+        for cls in type(exc).__mro__:
+            if cls in self.handlers:
+                return self.handlers[cls]
+        return None
