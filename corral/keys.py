@@ -89,6 +89,10 @@ def output(job_id: str) -> str:
 RETRY_INBOX = f"{PREFIX}:retry:inbox"
 """List of job ids waiting for the scheduler to schedule their retry (through RQ)."""
 
+RETRYING = f"{PREFIX}:retry:scheduled"
+"""Sorted set: job ids whose retry is scheduled in RQ, scored by when it is due. The
+scheduler checks the overdue ones, so a retry whose RQ job was lost is scheduled again."""
+
 RETRY_QUEUE = "corral-retry"
 """The RQ queue of retry jobs; its FailedJobRegistry is the dead-letter queue."""
 

@@ -86,6 +86,7 @@ class Scheduler:
             log.warning("node %s is dead: took back %d job(s)", node_id, count)
         await self.retries.drain()
         await self.retries.release_due()
+        await self.retries.sweep_lost()
         await housekeeping.trim_acknowledged(self.redis, models)
         await housekeeping.prune_gateways(self.redis, self.settings.gateway_ttl)
         self.passes += 1

@@ -2,8 +2,9 @@
 
 Workers put the ids of jobs whose attempt failed retriably in the retry inbox; the active
 scheduler moves each to a processing list (so a crash here loses none), schedules an RQ
-job that will run ``scheduler.retry_job.revive`` after the backoff, and drops it from the
-processing list.
+job that will run ``scheduler.retry_job.revive`` after the backoff, notes it as scheduled
+and drops it from the processing list. A scheduled retry still waiting long after it was
+due has lost its RQ job (deleted by hand, or its RQ run crashed): it is scheduled again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 PROCESSING = f"{keys.RETRY_INBOX}:processing"
 DEAD_LETTER_TTL = 30 * 24 * 3600
 """Seconds RQ keeps a dead-lettered job in its FailedJobRegistry."""
+
+LOST_AFTER = 60.0
+"""Seconds past its due time after which a retry whose RQ job is gone counts as lost."""
+
+PENDING = frozenset({"scheduled", "queued", "started", "deferred"})
+"""RQ job states in which the retry is still on its way."""
+
+
+def rq_job_id(job_id: str, attempt: int) -> str:
+    """The RQ job that retries (or dead-letters) ``job_id`` after ``attempt`` failed."""
+    return f"corral-{job_id}-{attempt}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +80,9 @@ class RetryScheduler:
             pass
 
     async def drain(self) -> int:
+        # Ids left in the processing list by a pass that failed midway: only the active
+        # scheduler drains, one pass at a time, so none of them is being scheduled now.
+        await self.recover()
         scheduled = 0
         while raw := await self.redis.lmove(keys.RETRY_INBOX, PROCESSING, "LEFT", "RIGHT"):
             job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -85,6 +100,43 @@ class RetryScheduler:
         nor run twice.
         """
         return await asyncio.to_thread(self._release_due)
+
+    async def sweep_lost(self, now: float | None = None) -> int:
+        """Schedule again the retries overdue by ``LOST_AFTER`` whose RQ job is gone."""
+        now = time.time() if now is None else now
+        overdue = await self.redis.zrangebyscore(
+            keys.RETRYING, "-inf", now - LOST_AFTER, start=0, num=100
+        )
+        lost = 0
+        for raw in overdue:
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            state, attempts = await self.redis.hmget(keys.job(job_id), "state", "attempts")
+            if state != b"retrying":  # revived, dead-lettered, cancelled or expired
+                await self.redis.zrem(keys.RETRYING, job_id)
+                continue
+            status = await asyncio.to_thread(self._rq_status, job_id, int(attempts or 0))
+            if status in PENDING:  # late (the RQ worker may be restarting), not lost
+                await self.redis.zadd(keys.RETRYING, {job_id: now})
+                continue
+            log.warning(
+                "job %s: its retry's RQ job is %s; scheduling the retry again",
+                job_id,
+                status or "gone",
+            )
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.RETRYING, job_id)
+                pipe.rpush(keys.RETRY_INBOX, job_id)
+                await pipe.execute()
+            lost += 1
+        return lost
+
+    def _rq_status(self, job_id: str, attempt: int) -> str | None:
+        try:
+            job = Job.fetch(rq_job_id(job_id, attempt), connection=self.queue.connection)
+        except NoSuchJobError:
+            return None
+        status = job.get_status(refresh=False)
+        return None if status is None else str(status.value)
 
     def _release_due(self) -> int:
         registry = ScheduledJobRegistry(queue=self.queue)  # type: ignore[no-untyped-call]
@@ -115,11 +167,12 @@ class RetryScheduler:
             self.max_attempts,
             self.job_ttl,
             self.result_ttl,
-            job_id=f"corral-{job_id}-{attempt}",
+            job_id=rq_job_id(job_id, attempt),
             description=f"{'dead-letter' if last else 'retry'} corral job {job_id} "
             f"({name}, after attempt {attempt})",
             meta={"corral_job": job_id, "model": name, "attempt": attempt},
             result_ttl=3600,
             failure_ttl=DEAD_LETTER_TTL,
         )
+        await self.redis.zadd(keys.RETRYING, {job_id: time.time() + delay})
         log.info("job %s: attempt %d failed; retry scheduled in %.2fs", job_id, attempt, delay)

@@ -391,3 +391,49 @@ async def test_rq_dashboard_requeue_sends_a_dead_job_back_through_the_fleet(
     view = await JobStore(redis, job_ttl=60, result_ttl=60).get(job_id)
     assert view is not None and view["result"]["response"] == "echo: try again"
     sync.close()
+
+
+async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
+    redis: Redis, redis_url: str
+) -> None:
+    from rq.job import Job, JobStatus
+
+    from corral.jobs import JobSpec
+    from corral.keys import JobKind
+    from scheduler.retries import LOST_AFTER, PROCESSING, RetryScheduler, rq_job_id
+
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    spec = JobSpec(
+        kind=JobKind.GENERATE, model="llama3:latest", request=b"{}", priority=5,
+        gateway_id="gw", stream=False, wait=False,
+    )  # fmt: skip
+    await store.enqueue(spec, max_queue=10)
+    claimed = await store.claim("llama3:latest", "node-a")
+    assert claimed is not None and await store.retry(claimed, "node-a", "boom", 500)
+    sync = SyncRedis.from_url(redis_url)
+    retries = RetryScheduler(
+        redis, Queue(keys.RETRY_QUEUE, connection=sync), Backoff(1.0, 1.0),
+        max_attempts=3, job_ttl=60, result_ttl=60,
+    )  # fmt: skip
+    # A pass that died after taking the id still has it in the processing list.
+    await redis.lmove(keys.RETRY_INBOX, PROCESSING, "LEFT", "RIGHT")
+    assert await retries.drain() == 1
+    rq_id = rq_job_id(spec.job_id, 1)
+    assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
+    due = await redis.zscore(keys.RETRYING, spec.job_id)
+    assert due is not None
+
+    # Late but still on its way in RQ: left alone.
+    assert await retries.sweep_lost(now=due + LOST_AFTER + 1) == 0
+    assert await redis.llen(keys.RETRY_INBOX) == 0
+    # Its RQ job deleted (by hand from rq-dashboard, say): the retry is scheduled again.
+    Job.fetch(rq_id, connection=sync).delete()
+    assert await retries.sweep_lost(now=due + 10 * LOST_AFTER) == 1
+    assert await redis.lrange(keys.RETRY_INBOX, 0, -1) == [spec.job_id.encode()]
+    assert await retries.drain() == 1
+    assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
+    # Once the job has moved on, the sweep forgets it.
+    await redis.hset(keys.job(spec.job_id), "state", "queued")
+    assert await retries.sweep_lost(now=due + 100 * LOST_AFTER) == 0
+    assert await redis.zcard(keys.RETRYING) == 0
+    sync.close()
