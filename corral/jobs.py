@@ -22,6 +22,9 @@ from corral.errors import QueueFull
 from corral.keys import JobKind, JobState
 from corral.scripts import Scripts
 
+ORPHANED = "orphaned: the gateway its client waited on stopped heartbeating"
+"""The error of a job cancelled because nobody could receive its answer (status 503)."""
+
 DOORBELL_CAP = 1024
 """A doorbell holds at most this many rings; more would only wake workers for nothing."""
 
@@ -146,6 +149,8 @@ class JobStore:
                 self.job_ttl,
                 self.gateway_ttl,
                 limit,
+                ORPHANED,
+                protocol.error_payload(ORPHANED, 503),
             ],
         )
         return [
@@ -257,14 +262,21 @@ class JobStore:
         return bool(done)
 
     async def cancel(
-        self, job_id: str, reason: str = "cancelled", *, expired: bool = False
+        self,
+        job_id: str,
+        reason: str = "cancelled",
+        *,
+        expired: bool = False,
+        status: int | None = None,
     ) -> JobState | None:
         """Cancel (or, past its time limit, expire) a job that has not finished.
 
-        A queued job is then never run; a running one is aborted on its node. Returns the
-        state the job was in (None: no such job).
+        A queued job is then never run; a running one is aborted on its node. The status
+        defaults to 499 (408 when expired). Returns the state the job was in (None: no
+        such job).
         """
-        state, status = (JobState.EXPIRED, 408) if expired else (JobState.CANCELLED, 499)
+        state, default = (JobState.EXPIRED, 408) if expired else (JobState.CANCELLED, 499)
+        status = default if status is None else status
         message = protocol.encode_error(job_id, 0, reason, status)
         prior = await self.scripts.cancel(
             keys=[keys.job(job_id), keys.STATS],

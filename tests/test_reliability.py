@@ -227,6 +227,12 @@ async def test_orphaned_jobs_are_cancelled_unless_wait_false(
     await until(lambda: _job_state(redis, kept_id), "done", within=10)
     assert [e["prompt"] for e in fake.stats()["started"]] == ["blocker", "kept"]
     assert await redis.hget(keys.STATS, "orphaned") == b"1"
+    records = [await redis.hgetall(key) async for key in redis.scan_iter("corral:job:*")]
+    orphans = [r for r in records if r.get(b"error", b"").startswith(b"orphaned")]
+    assert len(orphans) == 1
+    assert (orphans[0][b"state"], orphans[0][b"status"]) == (b"cancelled", b"503"), [
+        (r[b"error"], r.get(b"status")) for r in orphans
+    ]
 
 
 async def _healthy(http: httpx.AsyncClient) -> bool:

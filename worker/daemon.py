@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from corral import fleet, keys, protocol
 from corral.connections import TRANSIENT_REDIS_ERRORS
 from corral.errors import BackendError
-from corral.jobs import ClaimedJob, JobStore
+from corral.jobs import ORPHANED, ClaimedJob, JobStore
 from corral.keys import JobState
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
@@ -249,9 +249,7 @@ class Worker:
             if state in (b"cancelled", None):
                 self._cancel(job_id)
             elif wait == b"1" and gw not in live:
-                await self.store.cancel(
-                    job_id, "orphaned: the gateway its client waited on is gone"
-                )
+                await self.store.cancel(job_id, ORPHANED, status=503)
                 self._cancel(job_id)
 
     async def _live_gateways(self, gateways: set[bytes]) -> set[bytes]:

@@ -6,7 +6,8 @@
 -- ARGV: 1 group, 2 consumer (node id), 3 now (unix seconds), 4 job key prefix,
 --       5 reply channel prefix, 6 record ttl (s) for a job that ends in the queue,
 --       7 seconds without a heartbeat after which a gateway is gone (CORRAL_GATEWAY_TTL),
---       8 most jobs to claim (free slots)
+--       8 most jobs to claim (free slots), 9 the error an orphaned job ends with,
+--       10 that error's reply payload (JSON)
 -- Returns a list of {priority, entry id, job id, kind, request, stream flag, gateway id,
 -- attempts}, most urgent first; empty when nothing waits (the doorbell is cleared then, so
 -- stale rings stop).
@@ -41,10 +42,9 @@ local function take(i, entry)
     local seen = tonumber(redis.call('ZSCORE', KEYS[14], rec[5]) or '0')
     if seen < tonumber(now) - tonumber(ARGV[7]) then
       -- Tell the gateway anyway: if it was only slow to heartbeat, its client gets an
-      -- answer instead of waiting out its timeout.
-      state = end_in_queue(jk, jid, rec[5], 'cancelled',
-        'orphaned: the gateway its client waited on is gone', '499', 'orphaned',
-        '{"error":"orphaned: its gateway stopped heartbeating","status":503}')
+      -- answer instead of waiting out its timeout. 503, not 499: that client did not go
+      -- away, and should try again.
+      state = end_in_queue(jk, jid, rec[5], 'cancelled', ARGV[9], '503', 'orphaned', ARGV[10])
     end
   end
   if state == 'queued' then
