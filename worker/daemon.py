@@ -438,8 +438,8 @@ class Worker:
                 raise BackendError(str(chunk["error"]), 500, retriable=False)
             aggregate.add(chunk)
             if aggregate.done:
-                # No break: reading to the end of the body lets httpx keep the connection
-                # alive; leaving early closes it and the next job pays a new TCP connect.
+                # No break: reading to the end of the body keeps the connection for the
+                # next job; leaving early closes it, and the next job pays a new connect.
                 last = line
                 continue
             if job.stream:
