@@ -218,3 +218,20 @@ async def test_ollama_errors_keep_their_status_and_message() -> None:
             assert info.value.message == 'model "x" not found'
         finally:
             await ollama.aclose()
+
+
+async def test_connections_beyond_max_idle_are_closed_not_kept(echo: Server) -> None:
+    http = Http1Client(echo.url, connect_timeout=2.0, read_timeout=5.0, max_idle=1)
+
+    async def one(n: int) -> bytes:
+        async with http.request("POST", "/", b"%d" % n) as resp:
+            return await resp.read()
+
+    try:
+        assert await asyncio.gather(one(1), one(2), one(3)) == [b"1", b"2", b"3"]
+        assert echo.connections == 3  # three at once need three connections
+        assert len(http._idle) == 1
+        assert await one(4) == b"4"
+        assert echo.connections == 3  # the kept one was reused
+    finally:
+        await http.aclose()

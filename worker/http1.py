@@ -19,9 +19,6 @@ from urllib.parse import urlsplit
 
 import httptools
 
-MAX_IDLE = 64
-"""Idle keep-alive connections kept for reuse; more are closed when they come back."""
-
 
 class HttpFailure(Exception):
     """The exchange failed below HTTP: connect refused, connection dropped, bad framing."""
@@ -144,7 +141,9 @@ class Response:
 class Http1Client:
     """Keep-alive HTTP/1.1 to one server (``http://`` or ``https://``)."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, *, connect_timeout: float, read_timeout: float, max_idle: int = 64
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme in {base_url!r}")
@@ -158,6 +157,8 @@ class Http1Client:
         self.host_header = self.host if default_port else f"{self.host}:{self.port}"
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        """Idle keep-alive connections kept for reuse; more are closed as they come back."""
         self._idle: list[_Exchange] = []
 
     @asynccontextmanager
@@ -191,7 +192,7 @@ class Http1Client:
             exchange.close()
             raise
         reusable = exchange.complete and exchange.keep_alive and not exchange.closed
-        if reusable and len(self._idle) < MAX_IDLE:
+        if reusable and len(self._idle) < self.max_idle:
             self._idle.append(exchange)
         else:
             exchange.close()

@@ -24,7 +24,10 @@ class OllamaClient:
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float, slots: int):
         self.base_url = base_url.rstrip("/")
         self.http = Http1Client(
-            self.base_url, connect_timeout=connect_timeout, read_timeout=read_timeout
+            self.base_url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_idle=slots + 8,  # one per slot, and a few for discovery and heartbeats
         )
 
     async def aclose(self) -> None:
