@@ -58,6 +58,11 @@ def blocking(url: str, longest_block: float | None) -> Redis:
     )
 
 
+def text(value: object) -> str:
+    """A Redis reply (bytes, or str from a decoding client) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def ping(redis: Redis) -> None:
     try:
         await redis.ping()

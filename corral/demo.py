@@ -180,7 +180,7 @@ class DemoFleet:
         print("  scheduler  reclaims jobs of dead nodes, retries, dead letters")
         gateway_args = ["gateway", "--host", HOST, "--port", str(self.gateway_port)]
         self.daemons.append(spawn("gateway", gateway_args, self.logdir, env))
-        print(f"  gateway    {self.gateway_url}  (Ollama API, POST /jobs, /nodes, /healthz)")
+        print(f"  gateway    {self.gateway_url}  (Ollama API, POST /jobs, /status, /metrics)")
 
     def _start_node(self, spec: NodeSpec, env: dict[str, str]) -> None:
         port = free_port()
@@ -512,6 +512,22 @@ class Requests:
         if len(answer.get("nodes", [])) != len(NODES):
             raise StepFailed(f"expected {len(NODES)} nodes, /nodes lists {answer.get('nodes')}")
 
+    def status(self) -> None:
+        page = self.http.get("/status")
+        page.raise_for_status()
+        print(
+            f"      GET /status: an HTML page of {len(page.content):,} bytes (open it in a browser)"
+        )
+        metrics = self.http.get("/metrics")
+        metrics.raise_for_status()
+        wanted = ("corral_job_events_total", "corral_node_up", "corral_queued_jobs")
+        shown = [line for line in metrics.text.splitlines() if line.startswith(wanted)]
+        print(f"      GET /metrics: {len(metrics.text.splitlines())} lines, among them")
+        for line in shown[:8]:
+            print(f"      -> {line}")
+        if not any(line.startswith("corral_node_up") for line in shown):
+            raise StepFailed("/metrics lists no node")
+
     def _settled_nodes(self, deadline: float) -> dict[str, Any]:
         """``/nodes`` once every heartbeat shows its node idle (or at the deadline).
 
@@ -579,6 +595,7 @@ def steps_of(requests: Requests) -> list[Step]:
         ("an unknown model", requests.unknown_model),
         ("a background job: submit now, fetch later", requests.background_job),
         ("the nodes and counters", requests.nodes),
+        ("the status page and the Prometheus metrics", requests.status),
     ]
 
 
@@ -669,6 +686,7 @@ def curl_examples(url: str, redis_url: str) -> list[str]:
         f"curl -N {url}/api/chat -d '{chat}'",
         f"curl {url}/api/tags",
         f"curl {url}/nodes",
+        f"curl {url}/metrics    # or open {url}/status in a browser",
         f"corral submit --gateway {url} --model llama3 --prompt 'hello' --priority 0",
         f"corral status --redis-url {shlex.quote(redis_url)}",
     ]

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from corral import keys, protocol
 from corral.batching import ScriptBatcher
+from corral.connections import text
 from corral.errors import QueueFull
 from corral.keys import JobKind, JobState
 from corral.scripts import Scripts
@@ -300,7 +301,7 @@ class JobStore:
         raw = await self.redis.hgetall(keys.job(job_id))
         if not raw:
             return None
-        return record_view({_text(k): _bytes(v) for k, v in raw.items()})
+        return record_view({text(k): _bytes(v) for k, v in raw.items()})
 
 
 def history_line(node: str, error: str, status: int, attempt: int | None = None) -> bytes:
@@ -339,10 +340,6 @@ def record_view(rec: dict[str, bytes]) -> dict[str, Any]:
     if "history" in rec:
         view["history"] = [orjson.loads(line) for line in rec["history"].splitlines() if line]
     return view
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _bytes(value: bytes | str) -> bytes:

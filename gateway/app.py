@@ -19,7 +19,7 @@ from corral.settings import GatewaySettings
 from gateway.dialect import openai_error
 from gateway.fleetview import FleetView
 from gateway.replies import ReplyRouter
-from gateway.routes import jobs, ollama, openai
+from gateway.routes import jobs, ollama, openai, status
 from gateway.routing import ErrorHandler, FrontDoor
 from gateway.state import GatewayState
 
@@ -82,7 +82,7 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             await pubsub.aclose()
             await redis.aclose()
 
-    routes = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES]
+    routes = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES, *status.ROUTES]
     handlers: dict[type[Exception], ErrorHandler] = {
         RequestError: _request_error,
         RedisError: _redis_error,

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from corral import keys
+from corral.connections import text
 
 
 async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
@@ -26,14 +27,14 @@ async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
                 groups = await redis.xinfo_groups(stream)
             except ResponseError:  # no such stream yet
                 continue
-            group = next((g for g in groups if _text(g["name"]) == keys.GROUP), None)
+            group = next((g for g in groups if text(g["name"]) == keys.GROUP), None)
             if group is None:
                 continue
-            floor = _text(group["last-delivered-id"])
+            floor = text(group["last-delivered-id"])
             if int(group["pending"]):
                 summary = await redis.xpending(stream, keys.GROUP)
                 if summary["min"] is not None:  # None: acknowledged since XINFO
-                    floor = min(floor, _text(summary["min"]), key=_id_key)
+                    floor = min(floor, text(summary["min"]), key=_id_key)
             removed += int(await redis.xtrim(stream, minid=floor))
     return removed
 
@@ -45,7 +46,3 @@ async def prune_gateways(redis: Redis, ttl: float) -> int:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -14,6 +14,7 @@ import time
 from redis.asyncio import Redis
 
 from corral import keys
+from corral.connections import text
 from corral.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ async def reclaim_node(store: JobStore, node_id: str, models: list[str], max_att
                 if not pending:
                     break
                 for item in pending:
-                    entry_id = _text(
+                    entry_id = text(
                         str(item["message_id"])
                         if isinstance(item["message_id"], int)
                         else item["message_id"]
@@ -82,8 +83,4 @@ async def _job_of(redis: Redis, stream: str, entry_id: str) -> str:
     if not entries:
         return ""  # trimmed away; the requeue script then only acknowledges it
     fields = entries[0][1] or {}
-    return _text(fields.get(b"j") or fields.get("j") or b"")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return text(fields.get(b"j") or fields.get("j") or b"")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from redis import Redis
 from rq import Queue, SimpleWorker
@@ -16,12 +17,23 @@ from rq import Queue, SimpleWorker
 from corral import keys
 
 
+class _Connection(Redis):
+    """fakeredis (``make demo``'s Redis where no redis-server is installed) answers
+    CLIENT INFO in a shape redis-py cannot parse; RQ only wants the address from it."""
+
+    def client_info(self, **kwargs: Any) -> Any:
+        try:
+            return super().client_info(**kwargs)
+        except ValueError:
+            return {"addr": "unknown"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler.rq_worker", description=__doc__)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    connection = Redis.from_url(args.redis_url)
+    connection = _Connection.from_url(args.redis_url)
     queue = Queue(keys.RETRY_QUEUE, connection=connection)
     worker = SimpleWorker([queue], connection=connection)
     worker.work(with_scheduler=False, logging_level=args.log_level.upper())

@@ -57,7 +57,8 @@ async def test_status_names_the_node_and_its_queue(
     spec = JobSpec(JobKind.GENERATE, "llama3:latest", b"{}", 3, "gw-test", stream=False)
     await store.enqueue(spec, max_queue=10)
 
-    assert status.main(["--redis-url", redis_url]) == 0
+    # The CLI runs its own event loop, so it runs in a thread beside this one.
+    assert await asyncio.to_thread(status.main, ["--redis-url", redis_url]) == 0
     out = capsys.readouterr().out
     assert "node-status-test" in out
     assert "running" in out
@@ -66,6 +67,8 @@ async def test_status_names_the_node_and_its_queue(
     assert "llama3:latest                queued 1" in out
     assert "priority 3  length 1" in out
     assert "enqueued 1" in out
+    assert "RETRIES  inbox 0  scheduled 0  dead letters 0" in out
+    assert "GATEWAYS  0 live" in out
 
 
 async def test_status_json(
@@ -73,13 +76,14 @@ async def test_status_json(
 ) -> None:
     await fleet.publish_heartbeat(redis, heartbeat("node-json-test"), ttl=30)
 
-    assert status.main(["--redis-url", redis_url, "--json"]) == 0
+    assert await asyncio.to_thread(status.main, ["--redis-url", redis_url, "--json"]) == 0
     snapshot = orjson.loads(capsys.readouterr().out)
     [node] = snapshot["nodes"]
     assert node["node_id"] == "node-json-test"
     assert node["state"] == "running"
     assert node["record"]["slots_total"] == 2
     assert snapshot["queues"] == []
+    assert snapshot["retries"] == {"inbox": 0, "scheduled": 0, "dead_letters": 0}
 
 
 def test_status_reports_an_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,11 +150,16 @@ async def test_submit_reports_an_unknown_model(
 
 
 @pytest.mark.timeout(DEMO_TIMEOUT + 30)
-def test_demo_runs_end_to_end() -> None:
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--embedded-redis"]],
+    ids=["redis-server", "embedded-redis"],  # the second: a machine without redis-server
+)
+def test_demo_runs_end_to_end(flags: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "demo"],
+        [sys.executable, "-m", "corral.cli", "demo", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -170,5 +179,6 @@ def test_demo_runs_end_to_end() -> None:
     assert "-> done" in out
     assert "steps passed" in out
     assert "FAILED" not in out
+    assert "corral_node_up" in out  # the metrics step read the fleet
     assert out.rstrip().splitlines()[-1].startswith("stopped in")
     assert time.monotonic() - started < DEMO_TIMEOUT

@@ -206,7 +206,9 @@ async def test_orphaned_jobs_are_cancelled_unless_wait_false(
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             await until(lambda: _healthy(http), True, within=20)
-            slow = {**GENERATE, "prompt": "blocker", "options": {"num_predict": 150}}
+            # 3 s: the orphan is claimed well after the dead gateway's last heartbeat aged
+            # past the 1 s gateway TTL, with seconds to spare on a slow machine.
+            slow = {**GENERATE, "prompt": "blocker", "options": {"num_predict": 300}}
             blocker = {"kind": "generate", "wait": False, "request": slow}
             await http.post("/jobs", json=blocker)
             await fake.wait_until(lambda s: s["active"] == 1)

@@ -21,7 +21,7 @@ import orjson
 from redis.asyncio import Redis
 
 from corral import fleet, keys, protocol
-from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral.connections import TRANSIENT_REDIS_ERRORS, text
 from corral.errors import BackendError
 from corral.jobs import ORPHANED, ClaimedJob, JobStore
 from corral.keys import JobState
@@ -509,6 +509,19 @@ class Worker:
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # backoff between retries
         log.error("%s failed for good; it will be handed back later", what)
 
+    async def _existing_streams(self) -> list[tuple[str, int]]:
+        """This node's (model, priority) streams that exist: asking a missing one for its
+        pending entries is an error reply, which also costs the connection on some
+        Redis-compatible servers (fakeredis, behind ``make demo`` without redis-server)."""
+        candidates = [(m, p) for m in self.models for p in keys.PRIORITIES]
+        if not candidates:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model, priority in candidates:
+                pipe.exists(keys.stream(model, priority))
+            found = await pipe.execute()
+        return [stream for stream, exists in zip(candidates, found, strict=True) if exists]
+
     async def reclaim_stranded(self) -> int:
         """Hand back entries pending under this node id that no runner here holds.
 
@@ -518,7 +531,7 @@ class Worker:
         still be on its way back to the claim loop.
         """
         mine = {job.entry_id for _, job in self._running.values()}
-        streams = [(m, p) for m in self.models for p in keys.PRIORITIES]
+        streams = await self._existing_streams()
         if not streams:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -531,13 +544,13 @@ class Worker:
         handed = 0
         for (model, priority), entries in zip(streams, pending, strict=True):
             if isinstance(entries, Exception):
-                continue  # no such stream yet
+                continue  # the stream went away meanwhile
             for entry in entries:
-                entry_id = _text(entry["message_id"])
+                entry_id = text(entry["message_id"])
                 if entry_id in mine:
                     continue
                 found = await self.redis.xrange(keys.stream(model, priority), entry_id, entry_id)
-                job_id = _text((found[0][1] or {}).get(b"j", b"")) if found else ""
+                job_id = text((found[0][1] or {}).get(b"j", b"")) if found else ""
                 await self.store.requeue(
                     job_id, model, priority, entry_id, self.node_id,
                     f"node {self.node_id} restarted while holding it",
@@ -546,7 +559,3 @@ class Worker:
         if handed:
             log.warning("worker %s handed back %d stranded job(s)", self.node_id, handed)
         return handed
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from corral import keys
+from corral.connections import text
 from corral.errors import BadRequest, NotFound, RequestError
 from corral.keys import FINAL_STATES, JobKind, JobState
 from gateway import inputs
@@ -137,13 +138,9 @@ async def nodes(request: Request) -> Response:
     return json_response(
         {
             "nodes": fleet.nodes,
-            "stats": {_text(k): int(v) for k, v in stats.items()},
+            "stats": {text(k): int(v) for k, v in stats.items()},
         }
     )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 ROUTES = [

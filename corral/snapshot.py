@@ -1,0 +1,145 @@
+"""One read of the whole fleet's state from Redis, for ``corral status``, the gateway's
+status page and its Prometheus metrics.
+
+Three pipelined round trips whatever the size of the fleet: the registry, counters and
+retry figures; every node record and every model's streams; the pending summary of the
+streams that exist.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from rq.registry import FailedJobRegistry
+
+from corral import keys
+from corral.connections import text
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    node_id: str
+    state: str
+    """The worker's own state, or ``stale`` (heartbeat older than the node TTL) or
+    ``gone`` (registered, but its record expired)."""
+    heartbeat_age: float
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamStatus:
+    priority: int
+    length: int
+    pending: int
+    """Entries handed to a worker and not yet acknowledged: jobs running."""
+
+
+@dataclass(slots=True)
+class QueueStatus:
+    model: str
+    queued: int
+    """The model's queued counter: jobs enqueued and not yet claimed."""
+    streams: list[StreamStatus] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RetryStatus:
+    inbox: int
+    """Failed attempts waiting for the scheduler to schedule their retry."""
+    scheduled: int
+    """Retries scheduled in RQ, waiting for their backoff."""
+    dead_letters: int
+    """Jobs in RQ's failed registry for the retry queue (the dead-letter queue)."""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    redis_url: str
+    taken_at: float
+    nodes: list[NodeStatus]
+    queues: list[QueueStatus]
+    stats: dict[str, int]
+    retries: RetryStatus
+    gateways: int
+    """Gateways that heartbeated within the gateway TTL."""
+
+
+def dead_letter_key() -> str:
+    """The Redis key of RQ's failed registry for the retry queue (RQ's own naming)."""
+    # The registry only names its key here; the client it is given never connects.
+    registry = FailedJobRegistry(keys.RETRY_QUEUE, connection=SyncRedis())
+    return str(registry.key)
+
+
+async def take_snapshot(
+    client: Redis, redis_url: str, *, node_ttl: float, gateway_ttl: float
+) -> Snapshot:
+    now = time.time()
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.zrange(keys.NODES, 0, -1, withscores=True)
+        pipe.smembers(keys.MODELS)
+        pipe.hgetall(keys.STATS)
+        pipe.llen(keys.RETRY_INBOX)
+        pipe.zcard(keys.RETRYING)
+        pipe.zcard(dead_letter_key())
+        pipe.zcount(keys.GATEWAYS, now - gateway_ttl, "+inf")
+        registry, members, stats, inbox, scheduled, dead, gateways = await pipe.execute()
+    scored = {text(node_id): float(score) for node_id, score in registry}
+    node_ids = sorted(scored)
+    models = sorted(text(m) for m in members)
+    streams = [(model, priority) for model in models for priority in keys.PRIORITIES]
+    async with client.pipeline(transaction=False) as pipe:
+        for node_id in node_ids:
+            pipe.get(keys.node(node_id))
+        for model in models:
+            pipe.get(keys.queued_count(model))
+        for model, priority in streams:
+            pipe.exists(keys.stream(model, priority))
+            pipe.xlen(keys.stream(model, priority))
+        replies = await pipe.execute()
+    blobs, counts = replies[: len(node_ids)], replies[len(node_ids) : len(node_ids) + len(models)]
+    sizes = replies[len(node_ids) + len(models) :]
+    # Only streams that exist: on a missing one XPENDING is an error, and some
+    # Redis-compatible servers (fakeredis, the demo's fallback) drop the connection on one.
+    present = [(s, int(sizes[2 * i + 1])) for i, s in enumerate(streams) if sizes[2 * i]]
+    async with client.pipeline(transaction=False) as pipe:
+        for (model, priority), _ in present:
+            pipe.xpending(keys.stream(model, priority), keys.GROUP)
+        summaries = await pipe.execute(raise_on_error=False)
+    nodes = [
+        node_status(i, scored[i], blob, now, node_ttl)
+        for i, blob in zip(node_ids, blobs, strict=True)
+    ]
+    queues = {
+        model: QueueStatus(model, int(count or 0))
+        for model, count in zip(models, counts, strict=True)
+    }
+    for ((model, priority), length), summary in zip(present, summaries, strict=True):
+        pending = int(summary.get("pending", 0)) if isinstance(summary, dict) else 0
+        queues[model].streams.append(StreamStatus(priority, length, pending))
+    return Snapshot(
+        redis_url=redis_url,
+        taken_at=now,
+        nodes=nodes,
+        queues=list(queues.values()),
+        stats=dict(sorted((text(k), int(v)) for k, v in stats.items())),
+        retries=RetryStatus(int(inbox), int(scheduled), int(dead)),
+        gateways=int(gateways),
+    )
+
+
+def node_status(node_id: str, seen: float, blob: Any, now: float, node_ttl: float) -> NodeStatus:
+    record: dict[str, Any] = orjson.loads(blob) if isinstance(blob, bytes | str) else {}
+    age = now - float(record.get("ts", seen))
+    if not record:
+        state = "gone"
+    elif age > node_ttl:
+        state = "stale"
+    else:
+        state = str(record.get("state", "?"))
+    return NodeStatus(node_id, state, age, record)

@@ -1,0 +1,51 @@
+"""The fleet at a glance: ``GET /status`` (an HTML page) and ``GET /metrics`` (Prometheus).
+
+Both read one snapshot of the whole fleet from Redis (``corral.snapshot``), so any
+gateway process answers for every node, queue and counter. Like ``/nodes``, both ask
+for an API key when keys are configured.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from corral import exposition
+from corral.snapshot import Snapshot, take_snapshot
+from gateway import inputs, status_page
+from gateway.state import GatewayState, state_of
+
+
+async def _snapshot(state: GatewayState) -> Snapshot:
+    settings = state.settings
+    return await take_snapshot(
+        state.redis,
+        settings.redis_url,
+        node_ttl=settings.node_ttl,
+        gateway_ttl=settings.gateway_ttl,
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    inputs.api_key_priority(request, state.settings)
+    body = exposition.render(
+        await _snapshot(state), gateway_id=state.gateway_id, waiting=len(state.router.waiters)
+    )
+    return Response(body, media_type=exposition.CONTENT_TYPE)
+
+
+async def status(request: Request) -> Response:
+    state = state_of(request)
+    inputs.api_key_priority(request, state.settings)
+    page = status_page.render(
+        await _snapshot(state), gateway_id=state.gateway_id, waiting=len(state.router.waiters)
+    )
+    return HTMLResponse(page, headers={"cache-control": "no-store"})
+
+
+ROUTES = [
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/status", status, methods=["GET"]),
+]
