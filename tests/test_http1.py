@@ -235,3 +235,14 @@ async def test_connections_beyond_max_idle_are_closed_not_kept(echo: Server) -> 
         assert echo.connections == 3  # the kept one was reused
     finally:
         await http.aclose()
+
+
+def test_host_header_and_path_prefix_follow_the_url() -> None:
+    assert Http1Client("http://ollama:11434", connect_timeout=1, read_timeout=1).host_header == (
+        "ollama:11434"
+    )
+    v6 = Http1Client("http://[::1]:11434/", connect_timeout=1, read_timeout=1)
+    assert v6.host == "::1" and v6.host_header == "[::1]:11434"
+    proxied = Http1Client("https://gpu.example/ollama/", connect_timeout=1, read_timeout=1)
+    assert proxied.host_header == "gpu.example" and proxied.port == 443
+    assert proxied._head("GET", "/api/tags", None).startswith(b"GET /ollama/api/tags HTTP/1.1\r\n")

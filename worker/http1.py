@@ -154,7 +154,8 @@ class Http1Client:
             ssl.create_default_context() if parts.scheme == "https" else None
         )
         default_port = (parts.scheme == "https" and self.port == 443) or self.port == 80
-        self.host_header = self.host if default_port else f"{self.host}:{self.port}"
+        name = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        self.host_header = name if default_port else f"{name}:{self.port}"
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
