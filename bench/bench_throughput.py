@@ -169,6 +169,21 @@ def _result(
             lower_is_better=False,
         ),
         goals.count("errors at 2,048 clients", sum(top["errors"].values())),
+        *(
+            goals.check(
+                f"throughput at {r['concurrency']:,} clients (stage-1 goal)",
+                r["rate"],
+                STAGE1_RPS,
+                "req/s",
+                lower_is_better=False,
+            )
+            for r in rows[1:-1]
+        ),
+        *(
+            goals.count(f"errors at {r['concurrency']:,} clients", sum(r["errors"].values()))
+            for r in rows[1:-1]
+            if r["concurrency"] == 512
+        ),
         "",
         f"CPU per request by process at the best level ({best['label']}, "
         f"{best['rate']:,.0f} req/s):",
