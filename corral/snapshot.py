@@ -2,12 +2,13 @@
 status page and its Prometheus metrics.
 
 Three pipelined round trips whatever the size of the fleet: the registry, counters and
-retry figures; every node record and every model's streams; the pending summary of the
-streams that exist.
+retry figures; which streams exist; every node record, queued counter and existing
+stream's length and pending summary.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from rq.registry import FailedJobRegistry
 
 from corral import keys
 from corral.connections import text
+from corral.streams import existing_streams
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class Snapshot:
     """Gateways that heartbeated within the gateway TTL."""
 
 
+@functools.cache
 def dead_letter_key() -> str:
     """The Redis key of RQ's failed registry for the retry queue (RQ's own naming)."""
     # The registry only names its key here; the client it is given never connects.
@@ -92,25 +95,18 @@ async def take_snapshot(
     scored = {text(node_id): float(score) for node_id, score in registry}
     node_ids = sorted(scored)
     models = sorted(text(m) for m in members)
-    streams = [(model, priority) for model in models for priority in keys.PRIORITIES]
+    present = await existing_streams(client, models)
     async with client.pipeline(transaction=False) as pipe:
         for node_id in node_ids:
             pipe.get(keys.node(node_id))
         for model in models:
             pipe.get(keys.queued_count(model))
-        for model, priority in streams:
-            pipe.exists(keys.stream(model, priority))
+        for model, priority in present:
             pipe.xlen(keys.stream(model, priority))
-        replies = await pipe.execute()
-    blobs, counts = replies[: len(node_ids)], replies[len(node_ids) : len(node_ids) + len(models)]
-    sizes = replies[len(node_ids) + len(models) :]
-    # Only streams that exist: on a missing one XPENDING is an error, and some
-    # Redis-compatible servers (fakeredis, the demo's fallback) drop the connection on one.
-    present = [(s, int(sizes[2 * i + 1])) for i, s in enumerate(streams) if sizes[2 * i]]
-    async with client.pipeline(transaction=False) as pipe:
-        for (model, priority), _ in present:
             pipe.xpending(keys.stream(model, priority), keys.GROUP)
-        summaries = await pipe.execute(raise_on_error=False)
+        replies = iter(await pipe.execute(raise_on_error=False))
+    blobs = [_value(next(replies)) for _ in node_ids]
+    counts = [_value(next(replies)) for _ in models]
     nodes = [
         node_status(i, scored[i], blob, now, node_ttl)
         for i, blob in zip(node_ids, blobs, strict=True)
@@ -119,9 +115,10 @@ async def take_snapshot(
         model: QueueStatus(model, int(count or 0))
         for model, count in zip(models, counts, strict=True)
     }
-    for ((model, priority), length), summary in zip(present, summaries, strict=True):
+    for model, priority in present:
+        length, summary = _value(next(replies)), next(replies)  # XPENDING may fail: no group
         pending = int(summary.get("pending", 0)) if isinstance(summary, dict) else 0
-        queues[model].streams.append(StreamStatus(priority, length, pending))
+        queues[model].streams.append(StreamStatus(priority, int(length), pending))
     return Snapshot(
         redis_url=redis_url,
         taken_at=now,
@@ -131,6 +128,13 @@ async def take_snapshot(
         retries=RetryStatus(int(inbox), int(scheduled), int(dead)),
         gateways=int(gateways),
     )
+
+
+def _value(reply: Any) -> Any:
+    """A pipelined reply, raising the error it may be (only XPENDING's are expected)."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def node_status(node_id: str, seen: float, blob: Any, now: float, node_ttl: float) -> NodeStatus:

@@ -23,15 +23,13 @@ BATCH = 500
 
 
 async def known_models(redis: Redis) -> list[str]:
-    return sorted(
-        m.decode() if isinstance(m, bytes) else str(m) for m in await redis.smembers(keys.MODELS)
-    )
+    return sorted(text(m) for m in await redis.smembers(keys.MODELS))
 
 
 async def dead_nodes(redis: Redis, node_ttl: float) -> list[str]:
     cutoff = time.time() - node_ttl
     ids = await redis.zrangebyscore(keys.NODES, "-inf", cutoff)
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+    return [text(i) for i in ids]
 
 
 async def reclaim_node(store: JobStore, node_id: str, models: list[str], max_attempts: int) -> int:
@@ -50,11 +48,7 @@ async def reclaim_node(store: JobStore, node_id: str, models: list[str], max_att
                 if not pending:
                     break
                 for item in pending:
-                    entry_id = text(
-                        str(item["message_id"])
-                        if isinstance(item["message_id"], int)
-                        else item["message_id"]
-                    )
+                    entry_id = text(item["message_id"])
                     job_id = await _job_of(redis, stream, entry_id)
                     outcome = await store.requeue(
                         job_id,

@@ -23,6 +23,7 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from corral import keys
+from corral.connections import text
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class RetryScheduler:
         await self.recover()
         scheduled = 0
         while raw := await self.redis.lmove(keys.RETRY_INBOX, PROCESSING, "LEFT", "RIGHT"):
-            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            job_id = text(raw)
             await self._schedule(job_id)
             await self.redis.lrem(PROCESSING, 1, job_id)
             scheduled += 1
@@ -109,7 +110,7 @@ class RetryScheduler:
         )
         lost = 0
         for raw in overdue:
-            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            job_id = text(raw)
             state, attempts = await self.redis.hmget(keys.job(job_id), "state", "attempts")
             if state != b"retrying":  # revived, dead-lettered, cancelled or expired
                 await self.redis.zrem(keys.RETRYING, job_id)
@@ -158,7 +159,7 @@ class RetryScheduler:
         attempt = int(attempts or 0)
         last = attempt >= self.max_attempts
         delay = 0.0 if last else self.backoff.delay(attempt, self.rng)
-        name = model.decode() if isinstance(model, bytes) else str(model)
+        name = text(model)
         await asyncio.to_thread(
             self.queue.enqueue_in,
             timedelta(seconds=delay),

@@ -27,6 +27,7 @@ from corral.jobs import ORPHANED, ClaimedJob, JobStore
 from corral.keys import JobState
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
+from corral.streams import existing_streams
 from corral.tasks import cancel_and_wait
 from worker.aggregate import Aggregator
 from worker.metrics import HostMetrics, host_addresses
@@ -509,19 +510,6 @@ class Worker:
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # backoff between retries
         log.error("%s failed for good; it will be handed back later", what)
 
-    async def _existing_streams(self) -> list[tuple[str, int]]:
-        """This node's (model, priority) streams that exist: asking a missing one for its
-        pending entries is an error reply, which also costs the connection on some
-        Redis-compatible servers (fakeredis, behind ``make demo`` without redis-server)."""
-        candidates = [(m, p) for m in self.models for p in keys.PRIORITIES]
-        if not candidates:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for model, priority in candidates:
-                pipe.exists(keys.stream(model, priority))
-            found = await pipe.execute()
-        return [stream for stream, exists in zip(candidates, found, strict=True) if exists]
-
     async def reclaim_stranded(self) -> int:
         """Hand back entries pending under this node id that no runner here holds.
 
@@ -531,7 +519,7 @@ class Worker:
         still be on its way back to the claim loop.
         """
         mine = {job.entry_id for _, job in self._running.values()}
-        streams = await self._existing_streams()
+        streams = await existing_streams(self.redis, self.models)
         if not streams:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
