@@ -63,6 +63,12 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+async def server_time(redis: Redis) -> float:
+    """Redis's clock, in unix seconds: the one clock Corral compares across hosts."""
+    seconds, micros = await redis.time()
+    return float(seconds) + float(micros) / 1e6
+
+
 async def ping(redis: Redis) -> None:
     try:
         await redis.ping()

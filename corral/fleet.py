@@ -8,7 +8,6 @@ it and the scheduler takes back what it held.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,8 @@ import orjson
 from redis.asyncio import Redis
 
 from corral import keys
+from corral.connections import server_time, text
+from corral.scripts import source
 
 NodeRecord = dict[str, Any]
 """Heartbeat fields: ``node_id``, ``hosts``, ``ollama_url``, ``state`` (running or
@@ -23,14 +24,24 @@ draining), ``models`` (``/api/tags`` entries), ``loaded`` (``/api/ps`` entries),
 ``slots_total``, ``slots_busy``, ``cpu_percent``, ``mem``, ``gpus``, ``started_at``, ``ts``."""
 
 
-async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> None:
-    now = time.time()
-    record["ts"] = now
+async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> float:
+    """Write a node's record and registry score, stamped with Redis's time; returns it.
+
+    The record lives for ``ttl`` seconds; liveness is judged by the score alone.
+    """
     node_id = str(record["node_id"])
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.node(node_id), orjson.dumps(record), px=int(ttl * 1000))
-        pipe.zadd(keys.NODES, {node_id: now})
-        await pipe.execute()
+    body = orjson.dumps({k: v for k, v in record.items() if k != "ts"})
+    script = redis.register_script(source("heartbeat"))  # a hash, no round trip
+    written = await script(
+        keys=[keys.node(node_id), keys.NODES], args=[node_id, body, int(ttl * 1000)]
+    )
+    return float(written)
+
+
+async def touch(redis: Redis, registry: str, member: str) -> float:
+    """Score ``member`` of a registry (live gateways) with Redis's time; returns it."""
+    script = redis.register_script(source("touch"))
+    return float(await script(keys=[registry], args=[member]))
 
 
 async def remove_node(redis: Redis, node_id: str) -> None:
@@ -46,6 +57,9 @@ class Fleet:
 
     nodes: list[NodeRecord] = field(default_factory=list)
     taken_at: float = 0.0
+    """Redis's time when the snapshot was read."""
+    registered: frozenset[str] = frozenset()
+    """Every node id in the registry, live or with a stale heartbeat (not yet removed)."""
     _served: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def models(self) -> dict[str, NodeRecord]:
@@ -73,11 +87,13 @@ class Fleet:
 
 
 async def read_fleet(redis: Redis, node_ttl: float) -> Fleet:
-    now = time.time()
-    ids = await redis.zrangebyscore(keys.NODES, now - node_ttl, "+inf")
+    now = await server_time(redis)
+    scored: Any = await redis.zrange(keys.NODES, 0, -1, withscores=True)
+    registered = frozenset(text(node_id) for node_id, _ in scored)
+    ids = [text(node_id) for node_id, seen in scored if float(seen) >= now - node_ttl]
     if not ids:
-        return Fleet(taken_at=now)
-    raw = await redis.mget([keys.node(i.decode() if isinstance(i, bytes) else str(i)) for i in ids])
+        return Fleet(taken_at=now, registered=registered)
+    raw = await redis.mget([keys.node(i) for i in ids])
     nodes = [orjson.loads(item) for item in raw if item]
     nodes.sort(key=lambda n: str(n.get("node_id")))
-    return Fleet(nodes=nodes, taken_at=now)
+    return Fleet(nodes=nodes, taken_at=now, registered=registered)

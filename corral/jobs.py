@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,9 @@ from corral.scripts import Scripts
 
 ORPHANED = "orphaned: the gateway its client waited on stopped heartbeating"
 """The error of a job cancelled because nobody could receive its answer (status 503)."""
+
+CLAIM_RECEIPT_TTL = 60
+"""Seconds a claim's receipt is kept: far longer than any client re-sends a call."""
 
 DOORBELL_CAP = 1024
 """A doorbell holds at most this many rings; more would only wake workers for nothing."""
@@ -46,8 +50,12 @@ class JobSpec:
     gateway_id: str
     stream: bool
     wait: bool = True
-    deadline: float = 0.0
-    """Unix time after which the job must not start (0: none)."""
+    wait_limit: float = 0.0
+    """Seconds after enqueue (on Redis's clock) after which the job must not start (0: none)."""
+    max_attempts: int = 3
+    """Attempts the job may use on any path (retry, hand-back, reclaim) before it is dead."""
+    run_timeout: float = 0.0
+    """Seconds one attempt may run on a node before it is aborted (0: no limit)."""
     job_id: str = ""
 
     def __post_init__(self) -> None:
@@ -68,6 +76,7 @@ class ClaimedJob:
     stream: bool
     gateway_id: str
     attempt: int
+    run_timeout: float = 0.0
 
     @property
     def stream_key(self) -> str:
@@ -78,9 +87,18 @@ class JobStore:
     """Job transitions over one Redis client."""
 
     def __init__(
-        self, redis: Redis, *, job_ttl: int, result_ttl: int, gateway_ttl: float = 6.0
+        self,
+        redis: Redis,
+        *,
+        job_ttl: int,
+        result_ttl: int,
+        gateway_ttl: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        self.clock = clock
+        """This process's clock: only for the informational times of history lines. Every
+        comparison across hosts happens inside the scripts, on Redis's clock."""
         self.scripts = Scripts(redis)
         self.batch = ScriptBatcher(redis)
         self.job_ttl = job_ttl
@@ -114,8 +132,9 @@ class JobStore:
                 int(spec.stream),
                 int(spec.wait),
                 spec.request,
-                repr(time.time()),
-                repr(spec.deadline),
+                repr(spec.wait_limit),
+                spec.max_attempts,
+                repr(spec.run_timeout),
             ],
         )
         if int(depth) < 0:
@@ -140,11 +159,14 @@ class JobStore:
                 keys.doorbell(model),
                 keys.STATS,
                 keys.GATEWAYS,
+                # A fresh receipt per call: redis-py re-sends this very call after a
+                # timeout, and the script then answers with the jobs it took the first time.
+                keys.claim_receipt(model, uuid.uuid4().hex),
             ],
             args=[
                 keys.GROUP,
                 consumer,
-                repr(time.time()),
+                CLAIM_RECEIPT_TTL,
                 keys.job(""),
                 keys.reply_channel(""),
                 self.job_ttl,
@@ -165,8 +187,9 @@ class JobStore:
                 stream=stream == b"1",
                 gateway_id=gw.decode(),
                 attempt=int(attempt),
+                run_timeout=float(run_timeout or 0),
             )
-            for prio, entry, job_id, kind, request, stream, gw, attempt in reply or ()
+            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout in reply or ()
         ]
 
     async def finish(
@@ -189,7 +212,7 @@ class JobStore:
                 consumer,
                 job.entry_id,
                 state.value,
-                repr(time.time()),
+                "",
                 self.job_ttl,
                 result,
                 error,
@@ -215,8 +238,9 @@ class JobStore:
         """Put a job a node holds back in its queue at once (attempts stay counted).
 
         Returns 1 when requeued, 2 when failed instead (its client already had part of a
-        streamed answer), 3 when sent to the retry inbox to be dead-lettered (it used
-        ``max_attempts``), 0 when the job was no longer held by ``consumer``.
+        streamed answer), 3 when sent to the retry inbox to be dead-lettered (it used its
+        attempts: the record's own limit, or ``max_attempts`` for a record without one),
+        0 when the job was no longer held by ``consumer``.
         """
         streamed = f"{reason} after part of the answer was streamed"
         done = await self.scripts.requeue(
@@ -233,7 +257,7 @@ class JobStore:
                 keys.GROUP,
                 entry_id,
                 consumer,
-                repr(time.time()),
+                "",
                 reason,
                 DOORBELL_CAP,
                 max_attempts,
@@ -242,7 +266,7 @@ class JobStore:
                 self.result_ttl,
                 streamed,
                 protocol.error_payload(streamed, 503),
-                history_line(consumer, reason, 503),
+                history_line(consumer, reason, 503, at=self.clock()),
             ],
         )
         return int(done)
@@ -255,9 +279,9 @@ class JobStore:
                 keys.GROUP,
                 consumer,
                 job.entry_id,
-                repr(time.time()),
+                "",
                 error,
-                history_line(consumer, error, status, job.attempt),
+                history_line(consumer, error, status, job.attempt, at=self.clock()),
             ],
         )
         return bool(done)
@@ -283,7 +307,7 @@ class JobStore:
             keys=[keys.job(job_id), keys.STATS],
             args=[
                 job_id,
-                repr(time.time()),
+                uuid.uuid4().hex,  # the same call re-sent after a timeout answers alike
                 self.job_ttl,
                 reason,
                 keys.cancel_channel(""),
@@ -304,9 +328,13 @@ class JobStore:
         return record_view({text(k): _bytes(v) for k, v in raw.items()})
 
 
-def history_line(node: str, error: str, status: int, attempt: int | None = None) -> bytes:
-    """One line of a job's failure history (the record keeps them newline-separated)."""
-    entry: dict[str, Any] = {"at": time.time(), "node": node, "error": error, "status": status}
+def history_line(
+    node: str, error: str, status: int, attempt: int | None = None, *, at: float
+) -> bytes:
+    """One line of a job's failure history (the record keeps them newline-separated).
+
+    ``at`` is the writer's clock: shown to people, never compared."""
+    entry: dict[str, Any] = {"at": at, "node": node, "error": error, "status": status}
     if attempt is not None:
         entry["attempt"] = attempt
     return orjson.dumps(entry)

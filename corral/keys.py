@@ -71,6 +71,11 @@ def queued_count(model: str) -> str:
     return f"{PREFIX}:q:{{{model}}}:n"
 
 
+def claim_receipt(model: str, token: str) -> str:
+    """What one claim call took (job ids), kept a minute so a re-sent call gets the same jobs."""
+    return f"{PREFIX}:q:{{{model}}}:claim:{token}"
+
+
 def doorbell(model: str) -> str:
     """A list a worker BLPOPs on; the enqueue script pushes one token per job."""
     return f"{PREFIX}:bell:{{{model}}}"
@@ -89,9 +94,10 @@ def output(job_id: str) -> str:
 RETRY_INBOX = f"{PREFIX}:retry:inbox"
 """List of job ids waiting for the scheduler to schedule their retry (through RQ)."""
 
-RETRYING = f"{PREFIX}:retry:scheduled"
-"""Sorted set: job ids whose retry is scheduled in RQ, scored by when it is due. The
-scheduler checks the overdue ones, so a retry whose RQ job was lost is scheduled again."""
+RETRY_SCHEDULED = f"{PREFIX}:retry:scheduled"
+"""Sorted set: job ids whose retry is scheduled in RQ, scored by when it is due (Redis
+time). The scheduler checks the overdue ones, so a retry whose RQ job was lost is
+scheduled again; reviving or burying the job removes it."""
 
 RETRY_QUEUE = "corral-retry"
 """The RQ queue of retry jobs; its FailedJobRegistry is the dead-letter queue."""
@@ -108,7 +114,7 @@ def cancel_channel(node_id: str) -> str:
 
 
 NODES = f"{PREFIX}:nodes"
-"""Sorted set: node id -> unix time of its last heartbeat."""
+"""Sorted set: node id -> Redis time of its last heartbeat."""
 
 
 def node(node_id: str) -> str:
@@ -131,4 +137,4 @@ SCHEDULER_LEASE = f"{PREFIX}:scheduler:lease"
 """String: the id of the active scheduler, with a short TTL it keeps renewing."""
 
 GATEWAYS = f"{PREFIX}:gateways"
-"""Sorted set: gateway id -> unix time of its last heartbeat (for orphan detection)."""
+"""Sorted set: gateway id -> Redis time of its last heartbeat (for orphan detection)."""

@@ -435,11 +435,13 @@ class EmbeddedRedis:
         """
         import redis as redis_sync
 
+        from corral.scripts import source
+
         client = redis_sync.Redis.from_url(self.url)
         try:
             for entry in resources.files("corral").joinpath("lua").iterdir():
                 if entry.name.endswith(".lua"):
-                    client.script_load(entry.read_text(encoding="utf-8"))
+                    client.script_load(source(entry.name.removesuffix(".lua")))
         finally:
             client.close()
 

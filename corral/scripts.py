@@ -1,7 +1,9 @@
 """The Lua scripts, loaded once per Redis client and called by name.
 
 Each script is one atomic job-state transition; see the ``.lua`` files for their
-KEYS and ARGV.
+KEYS and ARGV. Every script starts with the same prelude, which reads the one clock
+Corral compares across hosts: Redis's own ``TIME`` (``NOW`` as text with microseconds,
+``NOWN`` as a number). No script takes the caller's clock.
 """
 
 from __future__ import annotations
@@ -11,10 +13,17 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+PRELUDE = """\
+local _time = redis.call('TIME')
+local NOW = string.format('%d.%06d', tonumber(_time[1]), tonumber(_time[2]))
+local NOWN = tonumber(NOW)
+"""
+
 
 def source(name: str) -> str:
-    """The text of ``corral/lua/<name>.lua``."""
-    return resources.files("corral").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The text of ``corral/lua/<name>.lua``, after the clock prelude."""
+    body = resources.files("corral").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return PRELUDE + body
 
 
 class Scripts:

@@ -44,6 +44,12 @@ class CommonSettings(BaseSettings):
     redis_pool_size: int = Field(
         48, ge=2, description="Redis connections per process (a blocking pool)"
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="attempts a job gets before it is dead-lettered (written into each job "
+        "by the gateway; the scheduler's applies to jobs that carry none)",
+    )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -99,6 +105,21 @@ class GatewaySettings(CommonSettings):
     fleet_refresh: float = Field(
         1.0, gt=0, description="seconds between reads of the node registry"
     )
+    model_grace: float = Field(
+        60.0,
+        ge=0,
+        description="seconds a model stays routable after the last node serving it was seen "
+        "(its jobs wait in the queue rather than 404 while a node restarts or Redis stalls)",
+    )
+    run_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="seconds one attempt of a job may run on a node before it is aborted "
+        "and failed (X-Corral-Run-Timeout or the job API's run_timeout may ask for another)",
+    )
+    run_timeout_max: float = Field(
+        7200.0, gt=0, description="the longest run time a request may ask for"
+    )
     workers: int = Field(1, ge=1, description="gateway processes (uvicorn workers)")
 
     def resolved_gateway_id(self) -> str:
@@ -152,6 +173,17 @@ class WorkerSettings(CommonSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds to let running jobs finish before handing back"
     )
+    ps_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="seconds the worker waits for Ollama's /api/ps (loaded models) before "
+        "keeping the last answer; heartbeats never wait on Ollama",
+    )
+    clock_offset: float = Field(
+        0.0,
+        description="testing only: seconds added to this worker's own clock, to show that "
+        "no decision compares it with another host's",
+    )
 
     def resolved_node_id(self) -> str:
         return self.node_id or socket.gethostname()
@@ -166,7 +198,6 @@ class WorkerSettings(CommonSettings):
 class SchedulerSettings(CommonSettings):
     interval: float = Field(1.0, gt=0, description="seconds between maintenance passes")
     lease_ttl: float = Field(5.0, gt=0, description="seconds the active scheduler's lease lasts")
-    max_attempts: int = Field(3, ge=1, description="attempts a job gets before it is dead-lettered")
     retry_base: float = Field(
         1.0, gt=0, description="backoff before the first retry, doubling (RQ: whole seconds)"
     )

@@ -9,7 +9,6 @@ stream's length and pending summary.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ from redis.asyncio import Redis
 from rq.registry import FailedJobRegistry
 
 from corral import keys
-from corral.connections import text
+from corral.connections import server_time, text
 from corral.streams import existing_streams
 
 
@@ -82,13 +81,13 @@ def dead_letter_key() -> str:
 async def take_snapshot(
     client: Redis, redis_url: str, *, node_ttl: float, gateway_ttl: float
 ) -> Snapshot:
-    now = time.time()
+    now = await server_time(client)  # heartbeats are stamped with Redis's clock
     async with client.pipeline(transaction=False) as pipe:
         pipe.zrange(keys.NODES, 0, -1, withscores=True)
         pipe.smembers(keys.MODELS)
         pipe.hgetall(keys.STATS)
         pipe.llen(keys.RETRY_INBOX)
-        pipe.zcard(keys.RETRYING)
+        pipe.zcard(keys.RETRY_SCHEDULED)
         pipe.zcard(dead_letter_key())
         pipe.zcount(keys.GATEWAYS, now - gateway_ttl, "+inf")
         registry, members, stats, inbox, scheduled, dead, gateways = await pipe.execute()

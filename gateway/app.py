@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -12,10 +13,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from corral import connections
+from corral import connections, loops
 from corral.errors import QueueFull, RequestError
 from corral.jobs import JobStore
+from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
+from corral.tasks import cancel_and_wait
 from gateway.dialect import openai_error
 from gateway.fleetview import FleetView
 from gateway.replies import ReplyRouter
@@ -59,24 +62,38 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: GatewaySettings) -> FrontDoor:
     gateway_id = settings.resolved_gateway_id()
+    door: FrontDoor
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connections.pooled(settings.redis_url, settings.redis_pool_size)
         pubsub = connections.blocking(settings.redis_url, None)
         await connections.ping(redis)
+        health = LoopHealth()
         router = ReplyRouter(pubsub, redis, gateway_id)
         view = FleetView(
-            redis, gateway_id, node_ttl=settings.node_ttl, interval=settings.fleet_refresh
+            redis,
+            gateway_id,
+            node_ttl=settings.node_ttl,
+            interval=settings.fleet_refresh,
+            health=health,
+            model_grace=settings.model_grace,
         )
-        store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
-        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view)
+        store = JobStore(
+            redis,
+            job_ttl=settings.job_ttl,
+            result_ttl=settings.result_ttl,
+            gateway_ttl=settings.gateway_ttl,
+        )
+        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view, health)
         await router.start()
         await view.start()
+        watcher = asyncio.create_task(_watch(door, [router.task, view.task]), name="watch")
         log.info("gateway %s ready", gateway_id)
         try:
             yield
         finally:
+            await cancel_and_wait(watcher)
             await view.stop()
             await router.stop()
             await pubsub.aclose()
@@ -89,4 +106,15 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
         Exception: _internal_error,
     }
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
-    return FrontDoor(app, routes, handlers)
+    door = FrontDoor(app, routes, handlers)
+    return door
+
+
+async def _watch(door: FrontDoor, tasks: list[asyncio.Task[None] | None]) -> None:
+    """A background loop of the gateway that ends leaves it deaf or blind while it still
+    answers: stop the server so the process exits non-zero and its supervisor restarts it."""
+    try:
+        await loops.watch(task for task in tasks if task is not None)
+    except loops.LoopDied as exc:
+        log.critical("%s; stopping the gateway", exc)
+        door.fail(str(exc))

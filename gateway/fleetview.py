@@ -3,7 +3,14 @@
 Routing decisions (404 for a model no live node has, ``/api/tags``, ``/api/ps``) read
 this snapshot instead of Redis on every request. A miss re-reads Redis at once (at most
 every ``MISS_REFRESH`` seconds) so a node that just came up is seen without waiting for
-the next refresh. The same loop heartbeats the gateway itself.
+the next refresh. The same loop heartbeats the gateway itself, on Redis's clock.
+
+A model stays routable for ``model_grace`` seconds after the last node serving it was
+seen alive, as long as that node is still registered (its heartbeat late, not removed):
+a node crashing and restarting, or every heartbeat missed during a Redis stall, then
+makes its jobs wait in the queue (where a node will pull them) instead of answering 404.
+A node that left the registry (a graceful stop, or declared dead by the scheduler) takes
+its models with it at once.
 """
 
 from __future__ import annotations
@@ -14,51 +21,80 @@ import time
 
 from redis.asyncio import Redis
 
-from corral import fleet, keys
-from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral import fleet, keys, loops
+from corral.loops import LoopHealth
 from corral.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 MISS_REFRESH = 0.1
+LOOP = "fleet-view"
 
 
 class FleetView:
-    def __init__(self, redis: Redis, gateway_id: str, *, node_ttl: float, interval: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        gateway_id: str,
+        *,
+        node_ttl: float,
+        interval: float,
+        health: LoopHealth,
+        model_grace: float = 60.0,
+    ) -> None:
         self.redis = redis
         self.gateway_id = gateway_id
         self.node_ttl = node_ttl
         self.interval = interval
+        self.health = health
+        self.model_grace = model_grace
         self.current = fleet.Fleet()
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._read_at = 0.0  # monotonic: local ages only
+        self._seen: dict[str, tuple[frozenset[str], float]] = {}
+        """node id -> (models it served, when it was last seen alive; monotonic)."""
 
     async def start(self) -> None:
+        self.health.register(LOOP, stale_after=max(5 * self.interval, 10.0))
         await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="fleet-view")
+        self.health.ok(LOOP)
+        self.task = asyncio.create_task(
+            loops.every(LOOP, self.interval, self.refresh, self.health), name=LOOP
+        )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        if self.task is not None:
+            await cancel_and_wait(self.task)
         await self.redis.zrem(keys.GATEWAYS, self.gateway_id)
 
     async def refresh(self) -> fleet.Fleet:
         async with self._lock:
-            self.current = await fleet.read_fleet(self.redis, self.node_ttl)
-            await self.redis.zadd(keys.GATEWAYS, {self.gateway_id: time.time()})
+            current = await fleet.read_fleet(self.redis, self.node_ttl)
+            await fleet.touch(self.redis, keys.GATEWAYS, self.gateway_id)
+            self.current = current
+            self._read_at = now = time.monotonic()
+            for node in current.nodes:
+                if node.get("state") == "running":
+                    served = frozenset(str(m.get("name")) for m in node.get("models", []))
+                    self._seen[str(node["node_id"])] = (served, now)
+            for gone in set(self._seen) - current.registered:
+                del self._seen[gone]
         return self.current
+
+    def recently_served(self, model: str) -> bool:
+        oldest = time.monotonic() - self.model_grace
+        return any(model in served and at >= oldest for served, at in self._seen.values())
 
     async def has_model(self, model: str) -> bool:
         if self.current.has_model(model):
             return True
-        if time.time() - self.current.taken_at >= MISS_REFRESH:
-            return (await self.refresh()).has_model(model)
-        return False
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)  # a refresh period, not synchronisation
+        if time.monotonic() - self._read_at >= MISS_REFRESH:
             try:
-                await self.refresh()
-            except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("reading the node registry failed: %s", exc)
+                if (await self.refresh()).has_model(model):
+                    return True
+            except Exception:
+                if not self.recently_served(model):
+                    raise
+                log.warning("node registry unreadable; %s was served recently", model)
+        return self.recently_served(model)

@@ -17,6 +17,7 @@ from corral.settings import GatewaySettings
 
 PRIORITY_HEADER = "x-corral-priority"
 TIMEOUT_HEADER = "x-corral-timeout"
+RUN_TIMEOUT_HEADER = "x-corral-run-timeout"
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -80,6 +81,25 @@ def timeout(request: Request, default: float) -> float:
     if not 0 < value <= 86_400:
         raise BadRequest(f"invalid X-Corral-Timeout {raw!r}: must be seconds, above 0")
     return min(value, default)
+
+
+def run_timeout(request: Request, default: float, ceiling: float) -> float:
+    """Seconds one attempt of this job may run on a node (the X-Corral-Run-Timeout header)."""
+    raw = request.headers.get(RUN_TIMEOUT_HEADER)
+    if raw is None:
+        return min(default, ceiling)
+    return checked_run_timeout(raw, ceiling, f"X-Corral-Run-Timeout {raw!r}")
+
+
+def checked_run_timeout(raw: object, ceiling: float, what: str) -> float:
+    """A requested run time: seconds above 0, at most ``ceiling`` (a clear 400 otherwise)."""
+    try:
+        value = float(raw) if not isinstance(raw, bool) else -1.0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value <= ceiling:
+        raise BadRequest(f"invalid {what}: must be seconds above 0 and at most {ceiling:g}")
+    return value
 
 
 def model_name(body: dict[str, Any]) -> str:

@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         "backlog": 4096,
     }
     if settings.workers == 1:
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+        app.on_failure = lambda: setattr(server, "should_exit", True)
         server.run(sockets=[sock])
-        return 0
+        return 1 if app.failure else 0
     # Worker processes rebuild the settings from the environment: hand flags down as env.
     for name, value in settings.model_dump().items():
         if name != "gateway_id":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -176,7 +175,3 @@ async def _start(
     if length is not None:
         raw.append((b"content-length", str(length).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
-
-
-def deadline_from(timeout: float | None) -> float:
-    return time.time() + timeout if timeout else 0.0

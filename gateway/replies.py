@@ -64,7 +64,7 @@ class ReplyRouter:
         self.channel = keys.reply_channel(gateway_id)
         self.waiters: dict[str, Inbox] = {}
         self.subscribed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
 
     def register(self, job_id: str) -> Inbox:
         inbox = Inbox()
@@ -75,12 +75,12 @@ class ReplyRouter:
         self.waiters.pop(job_id, None)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="reply-router")
+        self.task = asyncio.create_task(self._run(), name="reply-router")
         await self.subscribed.wait()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        if self.task is not None:
+            await cancel_and_wait(self.task)
 
     async def _run(self) -> None:
         resubscribed = False

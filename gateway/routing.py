@@ -13,6 +13,8 @@ Starlette app unchanged.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from starlette.applications import Starlette
@@ -41,9 +43,22 @@ class FrontDoor:
                 for method in route.methods:
                     self.fixed.setdefault((method, route.path), route.endpoint)
 
+        self.failure = ""
+        """Why the gateway must stop, once a background loop of it has died."""
+        self.on_failure: Callable[[], None] | None = None
+        """Stops the server hosting this app (set by whoever runs it)."""
+
     @property
     def state(self) -> State:
         return self.app.state
+
+    def fail(self, reason: str) -> None:
+        """Stop serving because the gateway can no longer work; the process exits non-zero."""
+        self.failure = reason
+        if self.on_failure is not None:
+            self.on_failure()
+        else:  # a uvicorn worker process we did not start: its supervisor restarts it
+            os.kill(os.getpid(), signal.SIGTERM)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):

@@ -6,7 +6,6 @@ deadlines and model routing are decided in one place.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +48,7 @@ async def make_spec(
     wait: bool = True,
     priority: int | None = None,
     time_limit: float | None = None,
+    run_limit: float | None = None,
 ) -> JobSpec:
     """Check the body for ``kind``, resolve the model and build the job (nothing enqueued)."""
     state, body = incoming.state, incoming.body
@@ -61,6 +61,11 @@ async def make_spec(
     prio = priority if priority is not None else inputs.priority(request, default)
     limit = (
         time_limit if time_limit is not None else _header_timeout(request, settings.request_timeout)
+    )
+    run_for = (
+        run_limit
+        if run_limit is not None
+        else inputs.run_timeout(request, settings.run_timeout, settings.run_timeout_max)
     )
     if not await state.fleet.has_model(model):
         raise ModelNotFound(str(body["model"]))
@@ -75,7 +80,9 @@ async def make_spec(
         gateway_id=state.gateway_id,
         stream=stream,
         wait=wait,
-        deadline=time.time() + limit if limit else 0.0,
+        wait_limit=limit or 0.0,
+        max_attempts=settings.max_attempts,
+        run_timeout=run_for,
     )
 
 

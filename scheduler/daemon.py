@@ -11,11 +11,10 @@ import uuid
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from rq import Queue
 
 from corral import keys
-from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral.connections import TRANSIENT_REDIS_ERRORS, server_time
 from corral.jobs import JobStore
 from corral.settings import SchedulerSettings
 from scheduler import housekeeping, reclaim
@@ -30,7 +29,12 @@ class Scheduler:
         self.settings = settings
         self.redis = redis
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
+        self.store = JobStore(
+            redis,
+            job_ttl=settings.job_ttl,
+            result_ttl=settings.result_ttl,
+            gateway_ttl=settings.gateway_ttl,
+        )
         self.lease = Lease(redis, self.id, settings.lease_ttl)
         self.retries = RetryScheduler(
             redis,
@@ -43,6 +47,13 @@ class Scheduler:
         self._stop = asyncio.Event()
         self._was_active = False
         self.passes = 0
+        self.owners = reclaim.Owners(settings.node_ttl)
+        self._contact: float | None = None
+        """Redis time of this scheduler's last loop that reached Redis (active or not)."""
+        self._lost_redis = False
+        self._grace_until = 0.0
+        """No node is declared dead before this Redis time (after losing Redis for a while,
+        every heartbeat looks old until the nodes have had one TTL to beat again)."""
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -60,14 +71,17 @@ class Scheduler:
                         await self.run_pass()
                     else:
                         self._was_active = False
+                        self._contact = await server_time(self.redis)
                 except TRANSIENT_REDIS_ERRORS as exc:
+                    self._lost_redis = True  # grace for the nodes once it is back
                     log.warning("maintenance pass failed, retrying: %s", exc)
-                except (RedisError, ValueError, KeyError, AttributeError, TypeError):
-                    # One bad key or racing read must not stop reclaim and retries for the
-                    # whole fleet: log it with its traceback and run the next pass.
+                except Exception:
+                    # Anything else (an OOM reply while Redis refuses writes, one bad key, a
+                    # racing read) must not stop reclaim and retries for the whole fleet:
+                    # log it with its traceback and run the next pass.
+                    self._lost_redis = True
                     log.exception(
-                        "maintenance pass hit a Redis error; next pass in %ss",
-                        self.settings.interval,
+                        "maintenance pass failed; next pass in %ss", self.settings.interval
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.settings.interval)
@@ -77,16 +91,46 @@ class Scheduler:
             log.info("scheduler %s stopped", self.id)
 
     async def run_pass(self) -> None:
+        now = await server_time(self.redis)
+        self._note_gap(now)
         models = await reclaim.known_models(self.redis)
-        for node_id in await reclaim.dead_nodes(self.redis, self.settings.node_ttl):
-            count = await reclaim.reclaim_node(
-                self.store, node_id, models, self.settings.max_attempts
-            )
-            await self.redis.zrem(keys.NODES, node_id)
-            log.warning("node %s is dead: took back %d job(s)", node_id, count)
+        if now >= self._grace_until:
+            await self.reclaim(models, now)
+        self._contact = now
         await self.retries.drain()
         await self.retries.release_due()
         await self.retries.sweep_lost()
         await housekeeping.trim_acknowledged(self.redis, models)
         await housekeeping.prune_gateways(self.redis, self.settings.gateway_ttl)
         self.passes += 1
+
+    def _note_gap(self, now: float) -> None:
+        """After a stretch without Redis (a stall, an outage, this process stopped), give
+        every node one TTL to heartbeat before judging it by a heartbeat that is old only
+        because nobody could write it."""
+        allowed = self.settings.interval + self.settings.node_ttl / 2
+        gap = self._contact is not None and now - self._contact > allowed
+        if gap or self._lost_redis:
+            self._lost_redis = False
+            self._grace_until = now + self.settings.node_ttl
+            log.warning(
+                "this scheduler lost Redis for a while; no node is declared dead before "
+                "each has had %gs to heartbeat",
+                self.settings.node_ttl,
+            )
+
+    async def reclaim(self, models: list[str], now: float) -> None:
+        """Take back what dead, stopped or unregistered nodes hold."""
+        for holding, why in await self.owners.overdue(self.redis, models, now):
+            count = await reclaim.reclaim(self.store, holding, why, self.settings.max_attempts)
+            log.warning(
+                "node %s holds jobs but is not alive: took back %d job(s) of %s p%d",
+                holding.consumer,
+                count,
+                holding.model,
+                holding.priority,
+            )
+        dead = await reclaim.dead_nodes(self.redis, self.settings.node_ttl, now)
+        if dead:
+            await self.redis.zrem(keys.NODES, *dead)
+            log.warning("node(s) %s stopped heartbeating; removed from the registry", dead)

@@ -8,13 +8,11 @@ and ``result_ttl``); gateways that stopped heartbeating are dropped from the reg
 
 from __future__ import annotations
 
-import time
-
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from corral import keys
-from corral.connections import text
+from corral.connections import server_time, text
 
 
 async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
@@ -40,7 +38,8 @@ async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
 
 
 async def prune_gateways(redis: Redis, ttl: float) -> int:
-    return int(await redis.zremrangebyscore(keys.GATEWAYS, "-inf", time.time() - ttl))
+    cutoff = await server_time(redis) - ttl  # gateways heartbeat on Redis's clock
+    return int(await redis.zremrangebyscore(keys.GATEWAYS, "-inf", cutoff))
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 from rq import Queue
@@ -23,7 +22,7 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from corral import keys
-from corral.connections import text
+from corral.connections import server_time, text
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +103,20 @@ class RetryScheduler:
 
     async def sweep_lost(self, now: float | None = None) -> int:
         """Schedule again the retries overdue by ``LOST_AFTER`` whose RQ job is gone."""
-        now = time.time() if now is None else now
+        now = await server_time(self.redis) if now is None else now
         overdue = await self.redis.zrangebyscore(
-            keys.RETRYING, "-inf", now - LOST_AFTER, start=0, num=100
+            keys.RETRY_SCHEDULED, "-inf", now - LOST_AFTER, start=0, num=100
         )
         lost = 0
         for raw in overdue:
             job_id = text(raw)
             state, attempts = await self.redis.hmget(keys.job(job_id), "state", "attempts")
             if state != b"retrying":  # revived, dead-lettered, cancelled or expired
-                await self.redis.zrem(keys.RETRYING, job_id)
+                await self.redis.zrem(keys.RETRY_SCHEDULED, job_id)
                 continue
             status = await asyncio.to_thread(self._rq_status, job_id, int(attempts or 0))
             if status in PENDING:  # late (the RQ worker may be restarting), not lost
-                await self.redis.zadd(keys.RETRYING, {job_id: now})
+                await self.redis.zadd(keys.RETRY_SCHEDULED, {job_id: now})
                 continue
             log.warning(
                 "job %s: its retry's RQ job is %s; scheduling the retry again",
@@ -125,7 +124,7 @@ class RetryScheduler:
                 status or "gone",
             )
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(keys.RETRYING, job_id)
+                pipe.zrem(keys.RETRY_SCHEDULED, job_id)
                 pipe.rpush(keys.RETRY_INBOX, job_id)
                 await pipe.execute()
             lost += 1
@@ -141,7 +140,8 @@ class RetryScheduler:
 
     def _release_due(self) -> int:
         registry = ScheduledJobRegistry(queue=self.queue)  # type: ignore[no-untyped-call]
-        due = registry.get_jobs_to_schedule(int(time.time()))
+        seconds, _ = self.queue.connection.time()  # Redis's clock, as when it was scheduled
+        due = registry.get_jobs_to_schedule(int(seconds))
         for job_id in due:
             try:
                 job = Job.fetch(job_id, connection=self.queue.connection)
@@ -155,17 +155,22 @@ class RetryScheduler:
         return len(due)
 
     async def _schedule(self, job_id: str) -> None:
-        model, attempts = await self.redis.hmget(keys.job(job_id), "model", "attempts")
+        model, attempts, limit = await self.redis.hmget(
+            keys.job(job_id), "model", "attempts", "max_attempts"
+        )
         attempt = int(attempts or 0)
-        last = attempt >= self.max_attempts
+        max_attempts = int(limit or self.max_attempts)  # the job's own limit
+        last = attempt >= max_attempts
         delay = 0.0 if last else self.backoff.delay(attempt, self.rng)
         name = text(model)
+        due = await server_time(self.redis) + delay
         await asyncio.to_thread(
-            self.queue.enqueue_in,
-            timedelta(seconds=delay),
+            self.queue.enqueue_at,
+            # Due on Redis's clock, which is also what releases it (see _release_due).
+            datetime.fromtimestamp(due, UTC),
             "scheduler.retry_job.revive",
             job_id,
-            self.max_attempts,
+            max_attempts,
             self.job_ttl,
             self.result_ttl,
             job_id=rq_job_id(job_id, attempt),
@@ -175,5 +180,5 @@ class RetryScheduler:
             result_ttl=3600,
             failure_ttl=DEAD_LETTER_TTL,
         )
-        await self.redis.zadd(keys.RETRYING, {job_id: time.time() + delay})
+        await self.redis.zadd(keys.RETRY_SCHEDULED, {job_id: due})
         log.info("job %s: attempt %d failed; retry scheduled in %.2fs", job_id, attempt, delay)

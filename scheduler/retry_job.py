@@ -14,7 +14,6 @@ gives it. Three cases, decided from the job record:
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from redis import Redis
@@ -35,21 +34,26 @@ def revive(job_id: str, max_attempts: int, job_ttl: int, result_ttl: int) -> str
         raise RuntimeError("revive() must run inside an RQ worker")
     redis: Redis = current.connection
     fields = redis.hmget(
-        keys.job(job_id), "state", "model", "prio", "attempts", "deadline", "history"
-    )
-    state, model, prio, attempts, deadline, history = (_text(v) for v in fields)
+        keys.job(job_id),
+        "state", "model", "prio", "attempts", "deadline", "history", "max_attempts", "last_error",
+    )  # fmt: skip
+    state, model, prio, attempts, deadline, history, limit, last_error = (_text(v) for v in fields)
+    max_attempts = int(limit or max_attempts)  # the job's own limit, set at enqueue
     if state is None:
         return f"job {job_id} no longer exists (its record expired)"
     if state == "dead":
         return _requeue(redis, job_id, model, prio, "retrying,dead", reset=True)
     if state != "retrying":
         return f"job {job_id} is {state}; nothing to retry"
-    if deadline and 0 < float(deadline) < time.time():
+    seconds, micros = redis.time()  # deadlines are on Redis's clock
+    if deadline and 0 < float(deadline) < seconds + micros / 1e6:
         _bury(redis, job_id, "expired", "job deadline passed while it waited for a retry", 408,
               job_ttl, result_ttl)  # fmt: skip
         return f"job {job_id} expired"
     if int(attempts or 0) >= max_attempts:
         message = f"gave up after {attempts} attempt(s)"
+        if last_error:
+            message += f"; the last failed with: {last_error}"
         _bury(redis, job_id, "dead", message, 503, job_ttl, result_ttl)
         raise DeadLetter(f"job {job_id} ({model}) {message}; history:\n{history or ''}")
     return _requeue(redis, job_id, model, prio, "retrying", reset=False)
@@ -69,8 +73,9 @@ def _requeue(
             keys.doorbell(model),
             keys.STATS,
             keys.MODELS,
+            keys.RETRY_SCHEDULED,
         ],
-        args=[keys.GROUP, repr(time.time()), DOORBELL_CAP, allowed, "1" if reset else "0"],
+        args=[keys.GROUP, "", DOORBELL_CAP, allowed, "1" if reset else "0"],
     )
     if not entry:
         return f"job {job_id} changed state meanwhile; not requeued"
@@ -82,9 +87,9 @@ def _bury(
 ) -> None:
     script = redis.register_script(source("bury"))
     script(
-        keys=[keys.job(job_id), keys.STATS],
+        keys=[keys.job(job_id), keys.STATS, keys.RETRY_SCHEDULED],
         args=[
-            state, repr(time.time()), error, status, keys.reply_channel(""),
+            state, "", error, status, keys.reply_channel(""),
             job_ttl, result_ttl, "retrying", protocol.error_payload(error, status),
         ],
     )  # fmt: skip

@@ -93,7 +93,8 @@ async def test_ps_reports_models_loaded_across_nodes(
 ) -> None:
     await client.generate(model="qwen2:0.5b", prompt="load me")
     node = cluster.nodes[0]
-    await node.worker.heartbeat()  # publish the new /api/ps now rather than next period
+    await node.worker.refresh_loaded()  # read the new /api/ps now rather than next period
+    await node.worker.heartbeat()  # and publish it
     await cluster.gateway.state.fleet.refresh()  # type: ignore[union-attr]
     running = await client.ps()
     assert "qwen2:0.5b" in {m.model for m in running.models}

@@ -82,7 +82,8 @@ async def test_dead_letter_after_attempts_then_requeue_completes(
 ) -> None:
     cluster = await start_cluster(
         [FakeOllamaConfig(fail_next=100)],
-        scheduler={"max_attempts": 2, "retry_base": 0.05, "retry_cap": 0.05},
+        gateway={"max_attempts": 2},  # written into each job: every path enforces it
+        scheduler={"retry_base": 0.05, "retry_cap": 0.05},
     )
     fake = cluster.nodes[0].fake.fake
     async with ollama.AsyncClient(host=cluster.url) as client:
@@ -140,7 +141,7 @@ async def test_dead_worker_jobs_are_reclaimed_at_once(
 
 async def test_poison_job_is_dead_lettered(start_cluster: StartCluster, redis: Redis) -> None:
     cluster = await start_cluster(
-        [FakeOllamaConfig()], scheduler={"node_ttl": 0.5, "max_attempts": 2}
+        [FakeOllamaConfig()], gateway={"max_attempts": 2}, scheduler={"node_ttl": 0.5}
     )
     await cluster.nodes[0].stop()
     cluster.nodes.clear()
@@ -373,7 +374,8 @@ async def test_rq_dashboard_requeue_sends_a_dead_job_back_through_the_fleet(
 
     cluster = await start_cluster(
         [FakeOllamaConfig(fail_next=100)],
-        scheduler={"max_attempts": 1, "retry_base": 0.05, "retry_cap": 0.05},
+        gateway={"max_attempts": 1},
+        scheduler={"retry_base": 0.05, "retry_cap": 0.05},
     )
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
         submitted = await http.post(
@@ -428,7 +430,7 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
     assert await retries.drain() == 1
     rq_id = rq_job_id(spec.job_id, 1)
     assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
-    due = await redis.zscore(keys.RETRYING, spec.job_id)
+    due = await redis.zscore(keys.RETRY_SCHEDULED, spec.job_id)
     assert due is not None
 
     # Late but still on its way in RQ: left alone.
@@ -443,5 +445,5 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
     # Once the job has moved on, the sweep forgets it.
     await redis.hset(keys.job(spec.job_id), "state", "queued")
     assert await retries.sweep_lost(now=due + 100 * LOST_AFTER) == 0
-    assert await redis.zcard(keys.RETRYING) == 0
+    assert await redis.zcard(keys.RETRY_SCHEDULED) == 0
     sync.close()

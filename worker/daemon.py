@@ -19,12 +19,14 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from corral import fleet, keys, protocol
-from corral.connections import TRANSIENT_REDIS_ERRORS, text
+from corral import fleet, keys, loops, protocol
+from corral.connections import TRANSIENT_REDIS_ERRORS, server_time, text
 from corral.errors import BackendError
 from corral.jobs import ORPHANED, ClaimedJob, JobStore
 from corral.keys import JobState
+from corral.loops import LoopHealth
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
 from corral.streams import existing_streams
@@ -43,6 +45,13 @@ FAIRNESS_EVERY = 8
 
 CLAIM_BATCH = 16
 """Most jobs one claim call takes (bounded so one Lua call stays short)."""
+
+REDIS_WRITE_ERRORS = (RedisError, OSError, RuntimeError)
+"""What a bookkeeping write may raise and be tried again after: a dropped connection, a
+timeout, and error replies too (``OOM`` while Redis refuses writes at ``maxmemory``)."""
+
+MODELS_TIMEOUT = 30.0
+"""Seconds model discovery (``/api/tags``, ``/api/version``) may take before it is retried."""
 
 
 @dataclass(slots=True)
@@ -71,11 +80,17 @@ class Worker:
         self.pubsub = pubsub
         self.ollama = ollama
         self.metrics = metrics
+        offset = settings.clock_offset
+        self.clock: Callable[[], float] = (lambda: time.time() + offset) if offset else time.time
+        """This worker's own clock: log lines and history only. Liveness, deadlines and
+        orphans are judged on Redis's clock (CORRAL_CLOCK_OFFSET skews this one in tests)."""
+        self.health = LoopHealth()
         self.store = JobStore(
             redis,
             job_ttl=settings.job_ttl,
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
+            clock=self.clock,
         )
         self.ready = asyncio.Event()
         """Set once models are discovered and the first heartbeat is out."""
@@ -89,9 +104,10 @@ class Worker:
         self._ollama_ok = False
         self._draining = False
         self._claims = 0
-        self._started_at = time.time()
+        self._started_at = self.clock()
         self._version = ""
         self.stranded_after = STRANDED_AFTER
+        self._backoff = loops.Backoff(base=0.2, cap=2.0)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -107,14 +123,26 @@ class Worker:
         return len(self._running)
 
     async def run(self) -> None:
-        await self._persist(self.refresh_models, "discovering models")
+        await self.refresh_models()
         await self._persist(self.heartbeat, "first heartbeat")
-        background = [
-            asyncio.create_task(self._every(self.settings.heartbeat_interval, self.heartbeat)),
-            asyncio.create_task(self._every(self.settings.models_refresh, self.refresh_models)),
-            asyncio.create_task(self._cancel_listener()),
+        beat = self.settings.heartbeat_interval
+        # Each loop on its own, so nothing slow (Ollama loading a model, a stalled Redis
+        # call) delays a heartbeat: a node that misses its TTL is declared dead.
+        periodic = [
+            ("heartbeat", beat, self.heartbeat, self.settings.node_ttl),
+            ("loaded-models", beat, self.refresh_loaded, None),
+            ("models", self.settings.models_refresh, self.refresh_models, None),
+            ("upkeep", beat, self.upkeep, None),
         ]
+        background = [
+            asyncio.create_task(
+                loops.every(name, every, action, self.health, stale_after=stale), name=name
+            )
+            for name, every, action, stale in periodic
+        ]
+        background.append(asyncio.create_task(self._cancel_listener(), name="cancel-listener"))
         claim = asyncio.create_task(self._claim_loop(), name="claim-loop")
+        watcher = asyncio.create_task(loops.watch(background), name="watch")
         self.ready.set()
         log.info(
             "worker %s serving %s with %d slot(s) from %s",
@@ -125,11 +153,15 @@ class Worker:
         )
         stop = asyncio.create_task(self._stop.wait())
         try:
-            await asyncio.wait([stop, claim], return_when=asyncio.FIRST_COMPLETED)
-            if claim.done() and not claim.cancelled() and claim.exception():
-                raise claim.exception()  # type: ignore[misc]
+            await asyncio.wait([stop, claim, watcher], return_when=asyncio.FIRST_COMPLETED)
+            for task in (watcher, claim):
+                if task.done() and not task.cancelled() and task.exception():
+                    # A loop or the claim loop ended: stop (non-zero exit) so systemd
+                    # restarts a whole worker instead of leaving half of one running.
+                    raise task.exception()  # type: ignore[misc]
         finally:
             stop.cancel()
+            watcher.cancel()
             await self._shutdown(claim, background)
 
     async def _shutdown(
@@ -138,7 +170,7 @@ class Worker:
         self._draining = True
         await cancel_and_wait(claim)
         log.info("worker %s draining %d running job(s)", self.node_id, self.busy)
-        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+        with contextlib.suppress(*REDIS_WRITE_ERRORS):
             await self.heartbeat()
         running = [task for task, _ in self._running.values()]
         if running and self.settings.drain_timeout > 0:
@@ -152,25 +184,55 @@ class Worker:
             await asyncio.wait(leftover)
         for task in background:
             await cancel_and_wait(task)
-        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-            await fleet.remove_node(self.redis, self.node_id)
+        try:
+            held = await self.pending_entries()
+            if held:
+                # Leaving the registry now would hide these entries' owner: stay in it
+                # until the record expires, and the scheduler takes them back then.
+                log.error(
+                    "worker %s still holds %d claimed job(s) it could not hand back; "
+                    "leaving it registered so the scheduler takes them back",
+                    self.node_id,
+                    held,
+                )
+            else:
+                await fleet.remove_node(self.redis, self.node_id)
+        except REDIS_WRITE_ERRORS as exc:
+            log.warning("worker %s could not leave the registry: %s", self.node_id, exc)
         log.info("worker %s stopped", self.node_id)
 
-    async def _every(self, interval: float, action: Any) -> None:
-        while True:
-            await asyncio.sleep(interval)  # a period, not synchronisation
-            try:
-                await action()
-            except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("%s failed, will retry: %s", action.__name__, exc)
+    async def pending_entries(self) -> int:
+        """How many stream entries are pending under this node's name."""
+        streams = await existing_streams(self.redis, self.models)
+        if not streams:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model, priority in streams:
+                pipe.xpending_range(
+                    keys.stream(model, priority), keys.GROUP, min="-", max="+", count=1,
+                    consumername=self.node_id,
+                )  # fmt: skip
+            found = await pipe.execute(raise_on_error=False)
+        return sum(len(entries) for entries in found if isinstance(entries, list))
 
     # -- discovery and heartbeat -----------------------------------------------------
 
+    async def _ask(self, path: str, within: float) -> Any:
+        """GET an Ollama endpoint within ``within`` seconds (a slow one is a failed one)."""
+        try:
+            async with asyncio.timeout(within):
+                return await self.ollama.get_json(path)
+        except TimeoutError as exc:
+            message = f"Ollama's {path} took over {within:g}s"
+            raise BackendError(message, 504, retriable=True) from exc
+
     async def refresh_models(self) -> None:
         try:
-            tags = await self.ollama.get_json("/api/tags")
-            ps = await self.ollama.get_json("/api/ps")
-            self._version = str((await self.ollama.get_json("/api/version")).get("version", ""))
+            tags = await self._ask("/api/tags", MODELS_TIMEOUT)
+            version = await self._ask("/api/version", MODELS_TIMEOUT)
+            self._version = str(version.get("version", "")) if isinstance(version, dict) else ""
+            if not isinstance(tags, dict):
+                raise BackendError("Ollama's /api/tags is not a JSON object", 502, retriable=True)
         except BackendError as exc:
             if self._ollama_ok:
                 log.error("Ollama at %s unavailable: %s", self.settings.ollama_url, exc.message)
@@ -184,7 +246,8 @@ class Worker:
         entries = [m for m in entries if not wanted or m["name"] in wanted]
         new = {m["name"] for m in entries} - set(self.models)
         self._tags = entries
-        self._loaded = list(ps.get("models", []))
+        if not self._ollama_ok:
+            await self.refresh_loaded()
         self._ollama_ok = True
         if new:
             log.info("worker %s now serves %s", self.node_id, sorted(new))
@@ -202,11 +265,28 @@ class Worker:
             ttl = int(max(self.settings.models_refresh * 6, 60))
             await self.redis.set(keys.model_info(model), info, ex=ttl)
 
+    async def refresh_loaded(self) -> None:
+        """Which models Ollama has loaded (``/api/ps``), within ``ps_timeout``.
+
+        Ollama can take many seconds to answer while it loads a large model; the heartbeat
+        never waits for this, and keeps showing the last answer meanwhile.
+        """
+        try:
+            ps = await self._ask("/api/ps", self.settings.ps_timeout)
+        except BackendError as exc:
+            log.debug("keeping the last /api/ps answer: %s", exc.message)
+            return
+        if isinstance(ps, dict):
+            self._loaded = list(ps.get("models") or [])
+
     async def heartbeat(self) -> None:
-        if self._ollama_ok:
-            with contextlib.suppress(BackendError):
-                self._loaded = list((await self.ollama.get_json("/api/ps")).get("models", []))
-        await fleet.publish_heartbeat(self.redis, self.record(), self.settings.node_ttl)
+        """Publish this node's record. Waits on Redis alone: never on Ollama, and host
+        metrics are read off the event loop (NVML can block)."""
+        host = await asyncio.to_thread(self.metrics.read) if self.metrics else {}
+        await fleet.publish_heartbeat(self.redis, self.record(host), self.settings.node_ttl)
+
+    async def upkeep(self) -> None:
+        """Catch lost cancellations and stranded entries; keep cached model info alive."""
         await self._reconcile_cancels()
         await self.reclaim_stranded()
         if self._tags:  # keep the cached /api/show answers alive while we serve the model
@@ -217,7 +297,7 @@ class Worker:
                     )
                 await pipe.execute()
 
-    def record(self) -> fleet.NodeRecord:
+    def record(self, host: dict[str, Any] | None = None) -> fleet.NodeRecord:
         state = "draining" if self._draining else "running" if self._ollama_ok else "ollama-down"
         return {
             "node_id": self.node_id,
@@ -231,7 +311,8 @@ class Worker:
             "slots_busy": self.busy,
             "running": list(self._running),
             "started_at": self._started_at,
-            **(self.metrics.read() if self.metrics else {}),
+            "loops": self.health.report(),
+            **(host or {}),
         }
 
     async def _reconcile_cancels(self) -> None:
@@ -242,12 +323,15 @@ class Worker:
         ids = list(self._running)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hmget(keys.job(job_id), "state", "wait", "gw")
+                pipe.hmget(keys.job(job_id), "state", "wait", "gw", "node")
             records = await pipe.execute()
-        gateways = {gw for _, wait, gw in records if wait == b"1" and gw}
+        gateways = {gw for _, wait, gw, _ in records if wait == b"1" and gw}
         live = await self._live_gateways(gateways)
-        for job_id, (state, wait, gw) in zip(ids, records, strict=True):
-            if state in (b"cancelled", None):
+        me = self.node_id.encode()
+        for job_id, (state, wait, gw, node) in zip(ids, records, strict=True):
+            if state != b"running" or node != me:
+                # Cancelled, expired, or taken back from this node (declared dead while it
+                # was stopped, say): another node may be running it now, so stop ours.
                 self._cancel(job_id)
             elif wait == b"1" and gw not in live:
                 await self.store.cancel(job_id, ORPHANED, status=503)
@@ -258,7 +342,7 @@ class Worker:
             return set()
         names = sorted(gateways)
         scores = await self.redis.zmscore(keys.GATEWAYS, [n.decode() for n in names])
-        cutoff = time.time() - self.settings.gateway_ttl
+        cutoff = await server_time(self.redis) - self.settings.gateway_ttl
         return {name for name, seen in zip(names, scores, strict=True) if seen and seen >= cutoff}
 
     # -- cancellation ----------------------------------------------------------------
@@ -284,7 +368,7 @@ class Worker:
         if entry is None or job_id in self._cancel_requested:
             return
         self._cancel_requested.add(job_id)
-        log.info("job %s cancelled by its client; aborting the Ollama request", job_id)
+        log.info("job %s is no longer this node's to run; aborting the Ollama request", job_id)
         entry[0].cancel()
 
     # -- claiming --------------------------------------------------------------------
@@ -303,7 +387,7 @@ class Worker:
                 if drained:
                     # The last claim emptied every queue (and cleared the doorbells), so
                     # a claim now would find nothing: wait for the next ring instead.
-                    with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):  # then claim retries
+                    with contextlib.suppress(*REDIS_WRITE_ERRORS):  # then claim retries
                         await self._wait_for_work(self._claim_order())
                 jobs, drained = await self._next_jobs(held)
             except BaseException:
@@ -321,6 +405,7 @@ class Worker:
 
         The flag says whether the claim found every queue of this node empty.
         """
+        failures = 0
         while True:
             order = self._claim_order()
             jobs: list[ClaimedJob] = []
@@ -333,12 +418,13 @@ class Worker:
                     self._claims += 1
                     return jobs, len(jobs) < limit
                 await self._wait_for_work(order)
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except Exception as exc:  # any failure: back off and claim again, never die
                 if jobs:  # claimed before the failure: run those, they are ours
                     self._claims += 1
                     return jobs, False
-                log.warning("claiming failed, retrying: %r", exc)
-                await asyncio.sleep(0.5)  # back off from a Redis outage
+                failures += 1
+                log.warning("claiming failed (%d in a row), retrying: %r", failures, exc)
+                await asyncio.sleep(self._backoff.delay(failures))  # back off from an outage
 
     def _claim_order(self) -> list[str]:
         if not self._ollama_ok:
@@ -385,21 +471,36 @@ class Worker:
             job.attempt,
         )
         progress = Progress()
+        limit = asyncio.timeout(job.run_timeout or None)
         try:
-            if job.kind.streams:
-                result, final = await self._stream(job, progress)
-            else:
-                result = final = await self.ollama.post(job.kind.path, job.request)
+            async with limit:
+                if job.kind.streams:
+                    result, final = await self._stream(job, progress)
+                else:
+                    result = final = await self.ollama.post(job.kind.path, job.request)
             message = protocol.encode(job.job_id, progress.sent, protocol.DONE, final)
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
             await self._failed(job, exc, progress.sent)
+        except TimeoutError as exc:
+            if limit.expired():
+                # Leaving the timeout block closed the Ollama request, so the node stopped
+                # generating. Not retried: another attempt would most likely run as long.
+                reason = (
+                    f"job ran longer than its run timeout of {job.run_timeout:g}s "
+                    f"and was aborted on node {self.node_id}"
+                )
+                await self._failed(job, BackendError(reason, 504, retriable=False), progress.sent)
+            else:
+                await self._failed(job, self._unexpected(job, exc), progress.sent)
         except TRANSIENT_REDIS_ERRORS as exc:
             # Redis went away mid-job (even after the client's retries): never leave the
             # job running with no runner; settle or hand it back once Redis answers.
             log.warning("job %s lost Redis mid-run (%s); handing it back", job.job_id, exc)
             await self._hand_back(job, progress.sent, f"node {self.node_id} lost Redis")
+        except Exception as exc:
+            await self._failed(job, self._unexpected(job, exc), progress.sent)
         except asyncio.CancelledError:
             if job.job_id in self._cancel_requested:
                 await asyncio.shield(self._settle(job, JobState.CANCELLED))
@@ -407,10 +508,25 @@ class Worker:
                 await asyncio.shield(self._hand_back(job, progress.sent))
             raise
 
+    def _unexpected(self, job: ClaimedJob, exc: BaseException) -> BackendError:
+        """Anything but a backend error (a Redis error reply, a bug): the job must not stay
+        running with no runner, so it is a failed attempt, counted, retried while attempts
+        last."""
+        log.error("job %s failed unexpectedly on node %s", job.job_id, self.node_id, exc_info=exc)
+        reason = f"node {self.node_id} failed while running the job: {exc!r}"
+        return BackendError(reason, 500, retriable=True)
+
     async def _failed(self, job: ClaimedJob, exc: BackendError, sent: int) -> None:
         """Retry what another attempt may fix, unless the client already has part of it."""
         if exc.retriable and not sent:
-            if await self.store.retry(job, self.node_id, exc.message, exc.status):
+            done = False
+
+            async def retry() -> None:
+                nonlocal done
+                done = await self.store.retry(job, self.node_id, exc.message, exc.status)
+
+            await self._persist(retry, f"handing job {job.job_id} to its retry")
+            if done:
                 log.warning(
                     "job %s attempt %d failed, to be retried: %s",
                     job.job_id,
@@ -434,7 +550,7 @@ class Worker:
         channel = keys.reply_channel(job.gateway_id)
         last = b""
         async for line in self.ollama.stream_lines(job.kind.path, job.request):
-            chunk = orjson.loads(line)
+            chunk = _parse_chunk(line)
             if "error" in chunk:  # Ollama reports mid-stream failures as an error line
                 raise BackendError(str(chunk["error"]), 500, retriable=False)
             aggregate.add(chunk)
@@ -505,7 +621,7 @@ class Worker:
             try:
                 await write()
                 return
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except REDIS_WRITE_ERRORS as exc:
                 log.warning("%s failed (try %d): %s", what, attempt + 1, exc)
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # backoff between retries
         log.error("%s failed for good; it will be handed back later", what)
@@ -547,3 +663,16 @@ class Worker:
         if handed:
             log.warning("worker %s handed back %d stranded job(s)", self.node_id, handed)
         return handed
+
+
+def _parse_chunk(line: bytes) -> dict[str, Any]:
+    """One NDJSON line of Ollama's answer; anything else is a failure of this node."""
+    try:
+        chunk = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        chunk = None
+    if not isinstance(chunk, dict):
+        shown = line[:120].decode(errors="replace")
+        raise BackendError(f"Ollama answered something that is not NDJSON: {shown!r}", 502,
+                           retriable=True)  # fmt: skip
+    return chunk

@@ -1,7 +1,9 @@
 -- Put a job waiting for its retry (or a dead-lettered one an operator requeued) back into
 -- its priority stream. Called by the RQ retry job when its backoff has passed.
--- KEYS: 1 job record, 2 stream, 3 queued counter, 4 doorbell, 5 stats, 6 set of known models
--- ARGV: 1 group, 2 now, 3 doorbell cap, 4 states allowed ('retrying' or 'retrying,dead'),
+-- Safe to run twice: the state check refuses a job that is no longer waiting.
+-- KEYS: 1 job record, 2 stream, 3 queued counter, 4 doorbell, 5 stats, 6 set of known models,
+--       7 scheduled retries (sorted set)
+-- ARGV: 1 group, 2 (unused), 3 doorbell cap, 4 states allowed ('retrying' or 'retrying,dead'),
 --       5 reset attempts ('1' for an operator's requeue from the dead-letter queue)
 -- Returns the new entry id, or false when the job was not in an allowed state.
 local rec = redis.call('HMGET', KEYS[1], 'state', 'id', 'model')
@@ -13,9 +15,10 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 redis.call('SADD', KEYS[6], rec[3])
 local entry = redis.call('XADD', KEYS[2], '*', 'j', rec[2])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'requeued', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'requeued', NOW)
 redis.call('HDEL', KEYS[1], 'finished', 'error', 'status', 'streamed')
 redis.call('PERSIST', KEYS[1])
+redis.call('ZREM', KEYS[7], rec[2])
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'attempts', 0)
 end

@@ -52,6 +52,7 @@ class LocalGateway:
             self.app, log_level="warning", access_log=False, lifespan="on", backlog=4096
         )
         self.server = uvicorn.Server(config)
+        self.app.on_failure = lambda: setattr(self.server, "should_exit", True)
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -43,7 +43,8 @@ class JobDialect:
 
 
 async def submit(request: Request) -> Response:
-    """``{"kind", "request", "priority"?, "wait"?, "timeout"?}``; the request is an Ollama body."""
+    """``{"kind", "request", "priority"?, "wait"?, "timeout"?, "run_timeout"?}``; the request
+    is an Ollama body."""
     incoming = await read_request(request)
     body = incoming.body
     kind = _kind(body.get("kind"))
@@ -63,6 +64,10 @@ async def submit(request: Request) -> Response:
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
     ):
         raise BadRequest("'timeout' must be a number of seconds above 0")
+    run_timeout = body.get("run_timeout")
+    if run_timeout is not None:
+        ceiling = incoming.state.settings.run_timeout_max
+        run_timeout = inputs.checked_run_timeout(run_timeout, ceiling, "'run_timeout'")
     job_incoming = Incoming(incoming.state, job_body, incoming.key_priority)
     spec = await make_spec(
         request,
@@ -72,6 +77,7 @@ async def submit(request: Request) -> Response:
         wait=wait,
         priority=prio if prio is not None else None,
         time_limit=float(timeout) if timeout is not None else None,
+        run_limit=run_timeout,
     )
     if wait:
         return await relay(request, spec, JobDialect(spec.job_id))
@@ -118,15 +124,18 @@ async def healthz(request: Request) -> Response:
     except (RedisError, OSError) as exc:
         return json_response({"status": "unavailable", "redis": str(exc)}, status=503)
     fleet = state.fleet.current
+    stale = state.health.stale()
     return json_response(
         {
-            "status": "ok",
+            "status": "stale" if stale else "ok",
             "gateway": state.gateway_id,
             "redis": "ok",
+            "loops": state.health.report(),
             "nodes": len(fleet.nodes),
             "models": sorted(fleet.models()),
             "waiting": len(state.router.waiters),
-        }
+        },
+        status=503 if stale else 200,
     )
 
 
