@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, Self
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from fakeredis import TcpFakeServer
@@ -102,18 +103,33 @@ def free_port(host: str = HOST) -> int:
             return port
 
 
-def _ping(host: str, port: int, timeout: float) -> bool:
-    """True when a RESP server on ``host:port`` answers ``+PONG`` (not ``-LOADING``)."""
+def _resp(*parts: str) -> bytes:
+    """One command in the Redis protocol (RESP): an array of bulk strings."""
+    encoded = [part.encode() for part in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
+    )
+
+
+def _ping(host: str, port: int, timeout: float, auth: tuple[str, str] | None = None) -> bool:
+    """True when a RESP server on ``host:port`` answers ``+PONG`` (not ``-LOADING``).
+
+    With ``auth`` (user, password) it authenticates first: a server whose default user
+    is off answers an unauthenticated PING with ``-NOAUTH``, and a failed AUTH makes the
+    PING fail the same way.
+    """
+    request = _resp("PING") if auth is None else _resp("AUTH", *auth) + _resp("PING")
+    replies = 1 if auth is None else 2
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            sock.sendall(request)
             reply = b""
-            while not reply.endswith(b"\r\n"):
+            while reply.count(b"\r\n") < replies:
                 chunk = sock.recv(64)
                 if not chunk:
                     return False
                 reply += chunk
-            return reply.startswith(b"+PONG")
+            return reply.split(b"\r\n")[replies - 1].startswith(b"+PONG")
     except OSError:
         return False
 
@@ -162,7 +178,10 @@ class RedisProcess:
     disk at all (RDB snapshots are off, the log goes to an unnamed temp file); with
     it, the AOF (``appendfsync everysec``) lives in ``dir`` and survives
     ``restart()`` and ``kill()``. ``extra_args`` are appended to the command line
-    and so override the defaults (e.g. ``["--appendfsync", "always"]``).
+    and so override the defaults (e.g. ``["--appendfsync", "always"]``). ``auth`` (user,
+    password) is for a server whose ACL turns the default user off (``extra_args`` of
+    ``["--aclfile", path]``): the readiness PING authenticates with it and ``url``
+    carries it.
     """
 
     def __init__(
@@ -175,10 +194,12 @@ class RedisProcess:
         executable: str | None = None,
         startup_timeout: float = 15.0,
         stop_timeout: float = 10.0,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         if port == _DEFAULT_REDIS_PORT:
             raise ValueError("refusing port 6379: it belongs to a Redis that is not ours")
         self.appendonly = appendonly
+        self.auth = auth
         self.extra_args = tuple(extra_args)
         self.executable = executable
         self.startup_timeout = startup_timeout
@@ -204,7 +225,10 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        if self.auth is None:
+            return f"redis://{HOST}:{self.port}/0"
+        user, password = (quote(part, safe="") for part in self.auth)
+        return f"redis://{user}:{password}@{HOST}:{self.port}/0"
 
     @property
     def dir(self) -> Path | None:
@@ -305,7 +329,7 @@ class RedisProcess:
                     f"redis-server exited with code {proc.returncode} on port {port}:\n"
                     f"{self._log_tail()}"
                 )
-            return _ping(HOST, port, timeout=0.5)
+            return _ping(HOST, port, timeout=0.5, auth=self.auth)
 
         try:
             _wait_until(

@@ -14,9 +14,17 @@ from redis.exceptions import ResponseError
 from corral import keys
 from corral.connections import server_time, text
 
+_MAX_SEQ = 2**64 - 1
+
 
 async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
-    """Remove acknowledged entries from every priority stream; returns how many went."""
+    """Remove every acknowledged entry from every priority stream; returns how many went.
+
+    With entries pending, everything older than the oldest of them goes; with none, every
+    entry delivered so far. The floor is read before the trim, which is safe because it
+    only rises meanwhile: new deliveries and new entries come after it, an acknowledged
+    entry never becomes pending again, and nothing moves the group's cursor back.
+    """
     removed = 0
     for model in models:
         for priority in keys.PRIORITIES:
@@ -28,12 +36,14 @@ async def trim_acknowledged(redis: Redis, models: list[str]) -> int:
             group = next((g for g in groups if text(g["name"]) == keys.GROUP), None)
             if group is None:
                 continue
-            floor = text(group["last-delivered-id"])
+            floor = _successor(text(group["last-delivered-id"]))
             if int(group["pending"]):
                 summary = await redis.xpending(stream, keys.GROUP)
                 if summary["min"] is not None:  # None: acknowledged since XINFO
                     floor = min(floor, text(summary["min"]), key=_id_key)
-            removed += int(await redis.xtrim(stream, minid=floor))
+            # Exact, not redis-py's default ``MINID ~``: approximate trimming removes only
+            # whole macro nodes (100 entries by default), so a small stream never shrank.
+            removed += int(await redis.xtrim(stream, minid=floor, approximate=False))
     return removed
 
 
@@ -45,3 +55,9 @@ async def prune_gateways(redis: Redis, ttl: float) -> int:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _successor(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id``: ``MINID`` keeps ids at or above it."""
+    ms, seq = _id_key(entry_id)
+    return f"{ms + 1}-0" if seq == _MAX_SEQ else f"{ms}-{seq + 1}"

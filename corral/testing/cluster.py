@@ -76,15 +76,15 @@ class LocalGateway:
 class LocalScheduler:
     """The scheduler loop in this event loop, plus its RQ worker as a real child process."""
 
-    def __init__(self, redis_url: str, **overrides: Any) -> None:
+    def __init__(self, redis_url: str, /, **overrides: Any) -> None:
         from redis import Redis as SyncRedis
 
         from scheduler.daemon import Scheduler
 
         options = {"interval": 0.1, "retry_base": 0.2, "retry_cap": 1.0, **overrides}
-        self.settings = SchedulerSettings(redis_url=redis_url, **options)
-        self.redis = connections.pooled(redis_url, 8)
-        self.rq_redis = SyncRedis.from_url(redis_url)
+        self.settings = SchedulerSettings(**{"redis_url": redis_url, **options})
+        self.redis = connections.pooled(self.settings.redis_url, 8)
+        self.rq_redis = SyncRedis.from_url(self.settings.redis_url)
         self.scheduler = Scheduler(self.settings, self.redis, self.rq_redis)
         self.task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self.child: Any = None
@@ -105,7 +105,11 @@ class LocalScheduler:
 
 
 class LocalCluster:
-    """Start with ``await LocalCluster.start(redis_url, ...)``; stop with ``await c.stop()``."""
+    """Start with ``await LocalCluster.start(redis_url, ...)``; stop with ``await c.stop()``.
+
+    Every process uses ``redis_url`` unless its options name their own ``redis_url``
+    (as the ACL tests do, to run each role as its own Redis user).
+    """
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
@@ -143,7 +147,7 @@ class LocalCluster:
         return self.gateway.url
 
     async def start_gateway(self, **overrides: Any) -> LocalGateway:
-        settings = GatewaySettings(redis_url=self.redis_url, port=0, **overrides)
+        settings = GatewaySettings(**{"redis_url": self.redis_url, "port": 0, **overrides})
         self.gateway = LocalGateway(settings)
         await self.gateway.start()
         return self.gateway
@@ -156,11 +160,15 @@ class LocalCluster:
         fake = await start_fake_ollama(config)
         node_id = overrides.pop("node_id", f"node{len(self.nodes) + 1}")
         settings = WorkerSettings(
-            redis_url=self.redis_url,
             ollama_url=fake.url,
             node_id=node_id,
             num_parallel=slots or config.num_parallel,
-            **{"heartbeat_interval": 0.5, "drain_timeout": 5.0, **overrides},
+            **{
+                "redis_url": self.redis_url,
+                "heartbeat_interval": 0.5,
+                "drain_timeout": 5.0,
+                **overrides,
+            },
         )
         instance = build(settings)
         task = asyncio.create_task(instance.run(), name=f"worker-{node_id}")
