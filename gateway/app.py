@@ -15,6 +15,7 @@ from starlette.responses import Response
 from corral import connections
 from corral.errors import QueueFull, RequestError
 from corral.jobs import JobStore
+from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from gateway.dialect import openai_error
 from gateway.fleetview import FleetView
@@ -63,14 +64,15 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connections.pooled(settings.redis_url, settings.redis_pool_size)
-        pubsub = connections.blocking(settings.redis_url, None)
+        pubsub = connections.subscriber(settings.redis_url)
         await connections.ping(redis)
-        router = ReplyRouter(pubsub, redis, gateway_id)
+        health = LoopHealth()
+        router = ReplyRouter(pubsub, redis, gateway_id, health)
         view = FleetView(
             redis, gateway_id, node_ttl=settings.node_ttl, interval=settings.fleet_refresh
         )
         store = JobStore(redis, job_ttl=settings.job_ttl, result_ttl=settings.result_ttl)
-        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view)
+        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view, health)
         await router.start()
         await view.start()
         log.info("gateway %s ready", gateway_id)

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from corral.jobs import JobStore
+from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from gateway.fleetview import FleetView
 from gateway.replies import ReplyRouter
@@ -21,6 +22,8 @@ class GatewayState:
     store: JobStore
     router: ReplyRouter
     fleet: FleetView
+    health: LoopHealth
+    """Each background loop's last success, for /healthz."""
 
 
 def state_of(request: Request) -> GatewayState:
