@@ -2,15 +2,16 @@
 
 redis-py 8 gives every socket a 5 s timeout and retries on it, which breaks blocking
 reads and pub/sub; and its plain async pool fails past ``max_connections`` instead of
-waiting. So: a blocking pool for request/response traffic, and dedicated clients with
-a long socket timeout for ``BLPOP`` and subscriptions.
+waiting. So: a blocking pool for request/response traffic, dedicated clients with a
+long socket timeout for ``BLPOP``, and a client for subscriptions that never reconnects
+behind its owner's back.
 """
 
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -55,6 +56,29 @@ def blocking(url: str, longest_block: float | None) -> Redis:
         socket_connect_timeout=CONNECT_TIMEOUT,
         socket_keepalive=True,
         single_connection_client=True,
+    )
+
+
+SUBSCRIBER_TIMEOUT = 5.0
+"""Seconds a subscriber's connection set-up or command write may take. Reading the
+subscription itself has no timeout: ``corral.subscription`` tells silence from death
+with pings."""
+
+
+def subscriber(url: str) -> Redis:
+    """A client for ``corral.subscription.Subscription``.
+
+    It does not retry: redis-py would otherwise reconnect and re-subscribe inside
+    ``listen()`` without a word, and whatever was published in between would be lost
+    with nobody to recover it. Every lost connection must reach the subscription, which
+    subscribes again and has its owner replay what it missed.
+    """
+    return Redis.from_url(
+        url,
+        socket_timeout=SUBSCRIBER_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0, supported_errors=()),
     )
 
 

@@ -67,10 +67,10 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connections.pooled(settings.redis_url, settings.redis_pool_size)
-        pubsub = connections.blocking(settings.redis_url, None)
+        pubsub = connections.subscriber(settings.redis_url)
         await connections.ping(redis)
         health = LoopHealth()
-        router = ReplyRouter(pubsub, redis, gateway_id)
+        router = ReplyRouter(pubsub, redis, gateway_id, health)
         view = FleetView(
             redis,
             gateway_id,

@@ -1,23 +1,25 @@
 """One pub/sub subscription per gateway process, demultiplexed to the requests waiting.
 
 Workers publish a job's chunks and its final message on this gateway's reply channel;
-the router hands each to the queue registered for that job id. Pub/sub is
-at-most-once, so when the subscription drops the router re-subscribes and then settles,
-from the job records, every waiting job that finished meanwhile.
+the router hands each to the queue registered for that job id. The subscription is a
+``corral.subscription.Subscription``: it pings Redis and replaces a connection that fell
+silent, so a half-open connection cannot leave the gateway deaf. Pub/sub is
+at-most-once, so after each re-subscription the router replays, from the output lists
+and job records, whatever its waiting jobs missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 
 from redis.asyncio import Redis
 
 from corral import keys, protocol
-from corral.connections import TRANSIENT_REDIS_ERRORS
+from corral.loops import LoopDied, LoopHealth
 from corral.protocol import Reply
+from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -57,14 +59,33 @@ class Inbox:
 
 
 class ReplyRouter:
-    def __init__(self, pubsub_client: Redis, redis: Redis, gateway_id: str) -> None:
+    """Routes this gateway's replies to the requests waiting for them.
+
+    ``pubsub_client`` should come from ``connections.subscriber``; ``redis`` is the
+    pooled client the replay reads with; the subscription's health goes into ``health``
+    as ``reply-subscription``.
+    """
+
+    def __init__(
+        self, pubsub_client: Redis, redis: Redis, gateway_id: str, health: LoopHealth
+    ) -> None:
         self.client = pubsub_client
         self.redis = redis
         self.gateway_id = gateway_id
         self.channel = keys.reply_channel(gateway_id)
         self.waiters: dict[str, Inbox] = {}
-        self.subscribed = asyncio.Event()
+        self.subscription = Subscription(
+            pubsub_client,
+            self.channel,
+            self._dispatch,
+            health,
+            name="reply-subscription",
+            on_resubscribed=self._recover,
+        )
+        self.subscribed = self.subscription.subscribed
+        """Set once Redis has confirmed the first subscription."""
         self.task: asyncio.Task[None] | None = None
+        """The subscription's task, for the process to watch."""
 
     def register(self, job_id: str) -> Inbox:
         inbox = Inbox()
@@ -75,32 +96,19 @@ class ReplyRouter:
         self.waiters.pop(job_id, None)
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name="reply-router")
-        await self.subscribed.wait()
+        """Start listening; returns once subscribed, so no reply can be published unheard."""
+        self.task = asyncio.create_task(self.subscription.run(), name="reply-router")
+        subscribed = asyncio.create_task(self.subscribed.wait())
+        try:
+            await asyncio.wait([subscribed, self.task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            subscribed.cancel()
+        if not self.subscribed.is_set():
+            raise LoopDied("the reply subscription ended before it subscribed")
 
     async def stop(self) -> None:
         if self.task is not None:
             await cancel_and_wait(self.task)
-
-    async def _run(self) -> None:
-        resubscribed = False
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self.subscribed.set()
-                if resubscribed:
-                    await self._recover()
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self._dispatch(message["data"])
-            except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("reply subscription lost (%s); resubscribing", exc)
-                resubscribed = True
-                await asyncio.sleep(0.2)  # back off before reconnecting
-            finally:
-                with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _dispatch(self, data: bytes) -> None:
         reply = protocol.decode(data)

@@ -23,6 +23,7 @@ class GatewayState:
     router: ReplyRouter
     fleet: FleetView
     health: LoopHealth
+    """Each background loop's last success, for /healthz."""
 
 
 def state_of(request: Request) -> GatewayState:

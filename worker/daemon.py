@@ -30,6 +30,7 @@ from corral.loops import LoopHealth
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
 from corral.streams import existing_streams
+from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
 from worker.aggregate import Aggregator
 from worker.metrics import HostMetrics, host_addresses
@@ -84,7 +85,6 @@ class Worker:
         self.clock: Callable[[], float] = (lambda: time.time() + offset) if offset else time.time
         """This worker's own clock: log lines and history only. Liveness, deadlines and
         orphans are judged on Redis's clock (CORRAL_CLOCK_OFFSET skews this one in tests)."""
-        self.health = LoopHealth()
         self.store = JobStore(
             redis,
             job_ttl=settings.job_ttl,
@@ -92,6 +92,8 @@ class Worker:
             gateway_ttl=settings.gateway_ttl,
             clock=self.clock,
         )
+        self.health = LoopHealth()
+        """Each background loop's last success, shown in the heartbeat."""
         self.ready = asyncio.Event()
         """Set once models are discovered and the first heartbeat is out."""
         self._stop = asyncio.Event()
@@ -348,20 +350,22 @@ class Worker:
     # -- cancellation ----------------------------------------------------------------
 
     async def _cancel_listener(self) -> None:
-        channel = keys.cancel_channel(self.node_id)
-        while True:
-            pubsub = self.pubsub.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self._cancel(message["data"].decode())
-            except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("cancel subscription lost, resubscribing: %s", exc)
-                await asyncio.sleep(0.5)  # back off before reconnecting
-            finally:
-                with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        """Abort running jobs whose clients cancelled them, as the notices arrive.
+
+        The subscription pings Redis and replaces a connection that fell silent; after
+        each re-subscription the running jobs are checked against their records, so a
+        cancellation published while we were not listening aborts its job at once rather
+        than at the next heartbeat.
+        """
+        subscription = Subscription(
+            self.pubsub,
+            keys.cancel_channel(self.node_id),
+            lambda data: self._cancel(text(data)),
+            self.health,
+            name="cancel-subscription",
+            on_resubscribed=self._reconcile_cancels,
+        )
+        await subscription.run()
 
     def _cancel(self, job_id: str) -> None:
         entry = self._running.get(job_id)

@@ -37,7 +37,7 @@ def build(settings: WorkerSettings, metrics: HostMetrics | None = None) -> Worke
         settings,
         redis=connections.pooled(settings.redis_url, settings.redis_pool_size),
         bell=connections.blocking(settings.redis_url, settings.bell_timeout),
-        pubsub=connections.blocking(settings.redis_url, None),
+        pubsub=connections.subscriber(settings.redis_url),
         ollama=ollama,
         metrics=metrics,
     )
