@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
+OUT_OF_BAND = 1 << 29
+"""Final messages from the scripts or rebuilt from a record carry a sequence number above
+this (the node's own count is unknown to them): they end the answer whenever they come."""
+
+
+def _due(reply: Reply, expected: int) -> bool:
+    """Whether a final reply may be written once ``expected`` chunks are out."""
+    return reply.seq <= expected or reply.seq >= OUT_OF_BAND
+
+
 class JobTimeout(Exception):
     """No reply arrived within the request's time limit."""
 
@@ -110,26 +120,41 @@ class JobResponse(Response):
         await self._stream(send, first)
 
     async def _stream(self, send: Send, reply: Reply) -> None:
+        """Write a streamed job's chunks in sequence order, each once, then its end.
+
+        Replies can arrive out of order and twice: after the reply subscription was lost,
+        the chunks published since it came back arrive live while the ones missed are
+        replayed from Redis. So a chunk ahead of its turn waits in ``early`` until the gap
+        before it is filled, and a chunk already written is dropped.
+        """
         media = self.dialect.stream_media_type.encode()
         await _start(send, 200, media, self.extra_headers, None)
-        seq = -1
+        expected = 0
+        early: dict[int, Reply] = {}
         while True:
             if reply is DISCONNECTED:
                 return
-            if reply.seq > seq or reply.final:
-                seq = reply.seq
-                if reply.type == protocol.CHUNK:
-                    body = self.dialect.chunk(reply.payload)
+            if reply.seq >= expected or reply.final:
+                early.setdefault(reply.seq, reply)
+            while True:
+                ready = early.pop(expected, None)
+                final = next((r for r in early.values() if r.final and _due(r, expected)), None)
+                if ready is not None and not ready.final:
+                    body = self.dialect.chunk(ready.payload)
+                    expected += 1
                     if body:
                         await send({"type": "http.response.body", "body": body, "more_body": True})
+                    continue
+                final = ready if ready is not None else final
+                if final is None:
+                    break
+                self._settled = True
+                if final.type == protocol.DONE:
+                    body = self.dialect.last(final.payload)
                 else:
-                    self._settled = True
-                    if reply.type == protocol.DONE:
-                        body = self.dialect.last(reply.payload)
-                    else:
-                        body = self.dialect.stream_error(*protocol.parse_error(reply.payload))
-                    await send({"type": "http.response.body", "body": body})
-                    return
+                    body = self.dialect.stream_error(*protocol.parse_error(final.payload))
+                await send({"type": "http.response.body", "body": body})
+                return
             try:
                 reply = await self._next()
             except JobTimeout:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 
 from redis import Redis as SyncRedis
@@ -91,8 +92,9 @@ class Scheduler:
             log.info("scheduler %s stopped", self.id)
 
     async def run_pass(self) -> None:
+        asked = time.monotonic()
         now = await server_time(self.redis)
-        self._note_gap(now)
+        self._note_gap(now, waited=time.monotonic() - asked)
         models = await reclaim.known_models(self.redis)
         if now >= self._grace_until:
             await self.reclaim(models, now)
@@ -104,13 +106,14 @@ class Scheduler:
         await housekeeping.prune_gateways(self.redis, self.settings.gateway_ttl)
         self.passes += 1
 
-    def _note_gap(self, now: float) -> None:
+    def _note_gap(self, now: float, *, waited: float) -> None:
         """After a stretch without Redis (a stall, an outage, this process stopped), give
         every node one TTL to heartbeat before judging it by a heartbeat that is old only
-        because nobody could write it."""
+        because nobody could write it. A stretch shows as a long wait for Redis's time
+        itself (even on a first pass), or as a long gap since the last pass."""
         allowed = self.settings.interval + self.settings.node_ttl / 2
         gap = self._contact is not None and now - self._contact > allowed
-        if gap or self._lost_redis:
+        if gap or waited > allowed or self._lost_redis:
             self._lost_redis = False
             self._grace_until = now + self.settings.node_ttl
             log.warning(

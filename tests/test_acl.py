@@ -100,11 +100,10 @@ async def test_each_role_runs_the_whole_flow_as_its_own_user(acl: AclRedis) -> N
     cluster = await LocalCluster.start(
         acl.url("admin"),  # used by no process: each names its own user below
         [FakeOllamaConfig(fail_next=1)],
-        gateway={"redis_url": acl.url("gateway")},
+        gateway={"redis_url": acl.url("gateway"), "max_attempts": 2},
         worker={"redis_url": acl.url("worker")},
         scheduler={
             "redis_url": acl.url("scheduler"),
-            "max_attempts": 2,
             "retry_base": 0.05,
             "retry_cap": 0.05,
         },

@@ -91,6 +91,7 @@ async def test_dead_letter_after_attempts_then_requeue_completes(
             await client.generate(model="llama3", prompt="doomed")
     assert failure.value.status_code == 503
     assert "gave up after 2 attempt(s)" in failure.value.error
+    assert "injected failure" in failure.value.error  # the last backend reason, named
     registry = FailedJobRegistry(
         queue=Queue(keys.RETRY_QUEUE, connection=SyncRedis.from_url(redis_url))
     )
@@ -101,6 +102,8 @@ async def test_dead_letter_after_attempts_then_requeue_completes(
     letter = Job.fetch(letters[0], connection=registry.connection)
     job_id = letter.meta["corral_job"]
     assert await _job_state(redis, job_id) == "dead"
+    # Dead-lettered jobs no longer count as scheduled retries (corral_retry_scheduled_jobs).
+    assert await redis.zcard(keys.RETRY_SCHEDULED) == 0
     history = letter.latest_result().exc_string  # type: ignore[union-attr]
     assert "DeadLetter" in history and history.count('"status":500') == 2
 
