@@ -125,7 +125,7 @@ class Worker:
         return len(self._running)
 
     async def run(self) -> None:
-        await self.refresh_models()
+        await self._persist(self.refresh_models, "discovering models")
         await self._persist(self.heartbeat, "first heartbeat")
         beat = self.settings.heartbeat_interval
         # Each loop on its own, so nothing slow (Ollama loading a model, a stalled Redis
