@@ -1,38 +1,48 @@
-"""Chaos test: kill things while jobs flow, then account for every job.
+"""Chaos test: kill things and inject faults while jobs flow, then account for every job.
 
-    python bench/chaos.py                 # 2,000 jobs, a kill every few seconds
-    python bench/chaos.py --short         # CI-sized (under 2 minutes), each kind of kill once
+    python bench/chaos.py                 # 2,000 jobs, every disruption, some several times
+    python bench/chaos.py --short         # CI-sized (about two minutes), each one at least once
+    python bench/chaos.py --faults redis_stall --short    # one fault alone
+    python bench/chaos.py --without kills,clock_skew      # the faults, without the kills
     python bench/chaos.py --jobs 5000 --seed 7 --json out.json
 
 The promise under test: every accepted job ends done, failed with a reason, cancelled,
-expired or dead-lettered -- never lost, never answered twice.
+expired or dead-lettered -- never lost, never answered twice, and a generation that had
+not started streaming to its client never runs to completion twice.
 
 It starts Redis (AOF on, ``appendfsync everysec``), fake Ollama nodes with a worker each,
 one gateway and two schedulers (one active, one standing by), every one its own process
-with short liveness settings. Concurrent clients submit jobs with unique prompts (the fake
-answers ``"echo: " + prompt``, so every answer can be checked): waiting clients on
-``/api/generate``, streaming and not, and ``POST /jobs`` with ``wait: false`` polled
-through ``GET /jobs/{id}``. Meanwhile a random worker is SIGKILLed every few seconds and
-restarted under the same node id, the gateway is SIGKILLed and restarted once, the
-active scheduler (with its RQ worker) is SIGKILLed and restarted once, and Redis is
-restarted once (gracefully, so its AOF keeps everything).
+with short liveness settings. Concurrent clients submit jobs with unique prompts at a
+steady pace (the fake answers ``"echo: " + prompt``, so every answer can be checked):
+waiting clients on ``/api/generate``, streaming and not, and ``POST /jobs`` with
+``wait: false`` polled through ``GET /jobs/{id}``. Meanwhile the disruptions of
+``faults.py`` happen, each switchable: a random worker SIGKILLed every few seconds and
+restarted under the same node id; at set fractions of the jobs, the gateway and the
+active scheduler SIGKILLed and restarted, Redis restarted (gracefully), Redis refusing
+writes (OOM), Redis stalled (SIGSTOP) past the clients' command timeout, a node
+answering garbage, a node's ``/api/ps`` slow, a worker stopped (SIGSTOP) and removed from
+the registry, every pub/sub connection killed; and all along, two workers with skewed
+clocks (``CORRAL_CLOCK_OFFSET``).
 
 After a drain period every job is reconciled: what its client got against its record in
-Redis (``corral:job:<id>``), the fakes' start logs and the workers' logs.
+Redis (``corral:job:<id>``) and the fakes' per-request counters (``/_fake/runs``).
 
 * ``lost``: an accepted job (its client got an id, or a record exists for its prompt)
   with no record or a non-final state at the end, or a waiting client that never got any
   answer although its gateway stayed up (the client hung until the drain deadline).
-* ``duplicated``: a job answered twice: a stream with two final lines or its text twice,
-  two job records for one request, or more settlements counted in ``corral:stats`` than
-  jobs that ended.
+* ``answered_twice``: a stream with two final lines or its text twice, two job records for
+  one request, or more settlements counted in ``corral:stats`` than jobs that ended.
 * ``wrong``: an answer (to the client or in the record) that is not ``"echo: " + prompt``,
   or a client told one outcome while the record says another.
-* ``re_executed`` (reported, not a failure): jobs whose generation ran to completion on
-  two nodes while the record settled once (the second completion was discarded).
+* ``ran_twice``: a job whose generation ran to completion on the nodes more than once
+  although its client had no chunk yet when the disruption hit it. Those whose client
+  had started streaming, and those whose first completion reached a worker that was
+  stopped or being killed, are reported apart and allowed (``fault_report.py``).
 
-The last line printed is ``lost=N duplicated=M wrong=W ...`` with the counts per final
-state; the exit status is 1 when lost, duplicated or wrong is non-zero. The logs of every
+The report gives the disruptions injected (a count of each), a table of the jobs each one
+hit and how they ended, and client-visible errors by kind and by disruption. The last line
+printed is ``lost=N answered_twice=M ran_twice=K wrong=W ...``; the exit status is 1 when
+any of those is non-zero or an enabled disruption was never injected. The logs of every
 process stay in a temporary directory whose path is printed.
 """
 
@@ -44,6 +54,7 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import math
 import os
 import random
 import re
@@ -57,9 +68,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import fault_report
 import httpx
 import orjson
 import psutil
+from faults import (
+    DISRUPTIONS,
+    Disruption,
+    FaultSettings,
+    Injector,
+    RegistryWatch,
+    held_by,
+    parse_names,
+)
 from redis.asyncio import Redis
 
 from corral import keys
@@ -72,7 +93,6 @@ WORDS = (
     "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo",
     "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu",
 )  # fmt: skip
-DONE_LINE = re.compile(rb"job ([0-9a-f]{32}) done in")
 
 
 # -- settings ------------------------------------------------------------------------
@@ -81,9 +101,17 @@ DONE_LINE = re.compile(rb"job ([0-9a-f]{32}) done in")
 @dataclass
 class Profile:
     jobs: int
+    schedule: tuple[tuple[float, str], ...]
+    """(fraction of the jobs submitted, disruption) for the one-off disruptions, in order;
+    each waits for the one before it to end."""
+    rate: float
+    """Jobs submitted per second (at most ``concurrency`` in flight): the pace that
+    spreads the jobs over every disruption."""
     nodes: int = 4
     slots: int = 3
-    token_rate: float = 40.0
+    token_rate: float = 15.0
+    """Tokens per second: answers of 5 to 16 tokens take about a second, so every
+    disruption finds jobs under way."""
     concurrency: int = 48
     async_share: float = 0.2
     """Share of jobs sent as ``POST /jobs`` with ``wait: false`` (then polled)."""
@@ -91,26 +119,37 @@ class Profile:
     """Of the waiting clients, the share that stream."""
     fail_rate: float = 0.03
     """Injected retriable 500s on the fakes, so retries go through RQ."""
-    kill_every: tuple[float, float] = (3.0, 6.0)
-    gateway_at: float = 0.3
-    scheduler_at: float = 0.5
-    redis_at: float = 0.7
-    """Fractions of the jobs submitted at which the one-off kills happen."""
+    kill_every: tuple[float, float] = (10.0, 16.0)
+    """Seconds between worker kills."""
+    faults: FaultSettings = field(default_factory=FaultSettings)
     drain_s: float = 90.0
     limit_s: float = 1200.0
 
 
-FULL = Profile(jobs=2000)
+FULL = Profile(
+    jobs=2000,
+    rate=12.0,
+    schedule=(
+        (0.03, "pubsub_kill"), (0.06, "garbage"), (0.14, "redis_oom"), (0.20, "gateway_kill"),
+        (0.25, "slow_ps"), (0.36, "pubsub_kill"), (0.40, "worker_stop"),
+        (0.48, "scheduler_kill"), (0.52, "redis_stall"), (0.62, "pubsub_kill"),
+        (0.66, "redis_restart"), (0.70, "redis_oom"), (0.75, "garbage"), (0.82, "slow_ps"),
+        (0.88, "worker_stop"), (0.94, "pubsub_kill"),
+    ),
+)  # fmt: skip
 SHORT = Profile(
-    jobs=360,
+    jobs=520,
+    rate=8.0,
+    schedule=(
+        (0.04, "pubsub_kill"), (0.08, "garbage"), (0.24, "redis_oom"), (0.30, "gateway_kill"),
+        (0.36, "slow_ps"), (0.55, "worker_stop"), (0.68, "scheduler_kill"),
+        (0.72, "redis_stall"), (0.86, "pubsub_kill"), (0.92, "redis_restart"),
+    ),
     concurrency=32,
-    kill_every=(2.5, 4.0),
-    gateway_at=0.25,
-    scheduler_at=0.5,
-    redis_at=0.7,
+    kill_every=(5.0, 8.0),
     drain_s=30.0,
-    limit_s=115.0,
-)
+    limit_s=170.0,
+)  # fmt: skip
 
 NODE_TTL = 2.0
 COMMON = [
@@ -146,7 +185,14 @@ class Child:
     Every incarnation of a name appends to the same log, after a marker line.
     """
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, t0: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: Path,
+        t0: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
@@ -159,7 +205,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env={**_child_env(), **(env or {})},
                 start_new_session=True,
                 cwd=Path(__file__).resolve().parents[1],
             )
@@ -230,6 +276,8 @@ class ClientJob:
     gateway_gen: int = -1
     sent_at: float = 0.0
     ended_at: float = 0.0
+    first_chunk_at: float | None = None
+    """When a streaming client got its first chunk (seconds since the run began)."""
     polled_state: str | None = None
     poll_timeouts: int = 0
 
@@ -242,8 +290,19 @@ class ClientJob:
 
 
 class Chaos:
-    def __init__(self, profile: Profile, seed: int, log_dir: Path) -> None:
+    def __init__(
+        self, profile: Profile, seed: int, log_dir: Path, enabled: set[str] | None = None
+    ) -> None:
         self.p = profile
+        self.enabled = [d for d in DISRUPTIONS if enabled is None or d in enabled]
+        self.model = MODEL
+        self.faults = Injector(self, profile.faults)
+        self.registry = RegistryWatch(self, NODE_TTL)
+        self.disruptions: list[Disruption] = []
+        self.injected = collections.Counter[str]()
+        self.spared_until: dict[str, float] = {}
+        """Node -> until when (monotonic) worker kills leave it alone: a fault of its own is
+        on, or just ended and its effects are still to be seen."""
         self.rng = random.Random(seed)
         self.seed = seed
         self.log_dir = log_dir
@@ -260,7 +319,7 @@ class Chaos:
         self.jobs: list[ClientJob] = []
         self.submitted = 0
         self.submitting = True
-        self.kills = collections.Counter[str]()
+        self.submissions_over = asyncio.Event()
         self.client_deadline = 0.0
         self.hard_deadline = 0.0
         self.snapshot: dict[str, Any] = {}
@@ -273,6 +332,28 @@ class Chaos:
 
     def now(self) -> float:
         return time.time() - self.t0
+
+    def disrupted(
+        self,
+        kind: str,
+        start: float,
+        *,
+        node: str | None = None,
+        jobs: list[str] | None = None,
+        end: float | None = None,
+        **detail: Any,
+    ) -> None:
+        """Record a disruption that began at ``start`` and ended now (or at ``end``)."""
+        end = self.now() if end is None else end
+        self.disruptions.append(Disruption(kind, start, end, node, jobs, detail))
+        self.injected[kind] += 1
+
+    def spare(self, node: str, seconds: float = math.inf) -> None:
+        self.spared_until[node] = time.monotonic() + seconds
+
+    def spared(self) -> set[str]:
+        now = time.monotonic()
+        return {node for node, until in self.spared_until.items() if until > now}
 
     def event(self, kind: str, **detail: Any) -> None:
         entry = {"t": round(self.now(), 3), "kind": kind, **detail}
@@ -350,7 +431,13 @@ class Chaos:
             "worker", "--redis-url", self.redis_url, "--ollama-url", f"http://127.0.0.1:{port}",
             "--node-id", node, "--num-parallel", str(self.p.slots), *COMMON, *WORKER,
         )  # fmt: skip
-        self.workers[node] = Child(f"worker-{node}", argv, self.log_dir, self.t0)
+        env = self.faults.clock_env(node)
+        self.workers[node] = Child(f"worker-{node}", argv, self.log_dir, self.t0, env)
+        if env:
+            # Lasts as long as this process: to the end of the run unless it is killed.
+            self.disrupted(
+                "clock_skew", self.now(), node=node, end=math.inf, offset=env["CORRAL_CLOCK_OFFSET"]
+            )
 
     def start_scheduler(self, name: str) -> None:
         argv = corral("scheduler", "--redis-url", self.redis_url, *COMMON, *SCHEDULER)
@@ -373,6 +460,7 @@ class Chaos:
         await self.until(healthy, 30, "gateway")
 
     def stop_fleet(self) -> None:
+        self.faults.thaw_all()  # a stopped process could not even take a SIGTERM
         # Gracefully first (so logs end cleanly), then SIGKILL whatever is left of each group.
         groups = [
             [c for c in [self.gateway] if c is not None],
@@ -392,26 +480,48 @@ class Chaos:
     # -- chaos
 
     async def chaos(self) -> None:
-        """Worker kills on a timer; the one-off kills at fractions of the jobs submitted."""
-        one_offs = [
-            (self.p.gateway_at, self.kill_gateway),
-            (self.p.scheduler_at, self.kill_scheduler),
-            (self.p.redis_at, self.restart_redis),
-        ]
-        next_worker_kill = time.monotonic() + self.rng.uniform(*self.p.kill_every)
+        """The one-off disruptions at fractions of the jobs submitted, one after the other;
+        worker kills on a timer meanwhile."""
+        actions = {
+            "gateway_kill": self.kill_gateway,
+            "scheduler_kill": self.kill_scheduler,
+            "redis_restart": self.restart_redis,
+            "redis_oom": self.faults.redis_oom,
+            "redis_stall": self.faults.redis_stall,
+            "garbage": self.faults.garbage,
+            "slow_ps": self.faults.slow_ps,
+            "worker_stop": self.faults.worker_stop,
+            "pubsub_kill": self.faults.pubsub_kill,
+        }
+        one_offs = [(at, name) for at, name in self.p.schedule if name in self.enabled]
+        kills = asyncio.create_task(self.worker_kills()) if "worker_kill" in self.enabled else None
+        try:
+            while self.submitting or one_offs:
+                progress = self.submitted / self.p.jobs
+                if one_offs and (progress >= one_offs[0][0] or not self.submitting):
+                    _, name = one_offs.pop(0)
+                    try:
+                        await actions[name]()
+                    except Exception as exc:  # reported as not injected; the run goes on
+                        self.event("disruption failed", name=name, error=repr(exc))
+                    continue
+                await asyncio.sleep(0.05)
+        finally:
+            if kills is not None:
+                await asyncio.wait([kills])
+        if kills is not None and kills.exception():
+            raise kills.exception()  # type: ignore[misc]
+
+    async def worker_kills(self) -> None:
         restarts: set[asyncio.Task[None]] = set()
-        while self.submitting or one_offs:
-            progress = self.submitted / self.p.jobs
-            if one_offs and (progress >= one_offs[0][0] or not self.submitting):
-                _, action = one_offs.pop(0)
-                await action()
-                continue
-            if self.submitting and time.monotonic() >= next_worker_kill:
+        while self.submitting:
+            with contextlib.suppress(TimeoutError):
+                pause = self.rng.uniform(*self.p.kill_every)
+                await asyncio.wait_for(self.submissions_over.wait(), pause)
+            if self.submitting:
                 task = asyncio.create_task(self.kill_worker())
                 restarts.add(task)
                 task.add_done_callback(restarts.discard)
-                next_worker_kill = time.monotonic() + self.rng.uniform(*self.p.kill_every)
-            await asyncio.sleep(0.05)
         if restarts:
             await asyncio.wait(restarts)
 
@@ -460,25 +570,25 @@ class Chaos:
         new process heartbeats before the old one's heartbeat is ``--node-ttl`` old) and a
         slow one (the scheduler sees the node dead first).
         """
-        up = sorted(set(self.workers) - self.nodes_down)
+        up = sorted(set(self.workers) - self.nodes_down - self.spared())
         if not up:
             return
         node = self.rng.choice(up)
         self.nodes_down.add(node)
         child = self.workers[node]
-        quick = self.kills["worker"] % 2 == 0
+        quick = self.injected["worker_kill"] % 2 == 0
         delay = self.rng.uniform(0.05, 0.4) if quick else self.rng.uniform(2.5, 4.0)
-        held: list[str] = []
+        held: list[str] | None = None  # None: Redis did not say
         last_beat = None
         with contextlib.suppress(Exception):
             async with self.client() as r:
                 last_beat = await r.zscore(keys.NODES, node)
-                held = await _held_by(r, node)
+                held = await held_by(r, node, MODEL)
+        killed_at = self.now()
         await asyncio.to_thread(child.kill)
-        self.kills["worker"] += 1
         self.event(
-            "SIGKILL worker", node=node, pid=child.pid, held=len(held),
-            restart_in=f"{delay:.2f}s", jobs=",".join(j[:8] for j in held),
+            "SIGKILL worker", node=node, pid=child.pid, held="?" if held is None else len(held),
+            restart_in=f"{delay:.2f}s", jobs=",".join(j[:8] for j in held or []),
         )  # fmt: skip
         await asyncio.sleep(delay)
         self.start_worker(node)
@@ -488,6 +598,8 @@ class Chaos:
 
                 async def beat() -> bool:
                     nonlocal gap
+                    if not self.workers[node].alive:
+                        return True  # died at once: the supervisor restarts it
                     score = await r.zscore(keys.NODES, node)
                     if score is not None and (last_beat is None or score > last_beat + 0.01):
                         gap = score - last_beat if last_beat else None
@@ -496,6 +608,7 @@ class Chaos:
 
                 await self.until(beat, 30, f"worker {node} heartbeat")
         self.nodes_down.discard(node)  # only once it is back: never kill one still starting
+        self.disrupted("worker_kill", killed_at, node=node, jobs=held, restart_in=round(delay, 2))
         self.event(
             "worker restarted", node=node, pid=self.workers[node].pid,
             heartbeat_gap=f"{gap:.2f}s" if gap is not None else "?",
@@ -507,13 +620,14 @@ class Chaos:
         old = self.gateway
         self.gateway_down = True
         self.gateway_gen += 1
+        start = self.now()
         await asyncio.to_thread(old.kill)
-        self.kills["gateway"] += 1
         self.event("SIGKILL gateway", pid=old.pid)
         await asyncio.sleep(1.0)
         self.start_gateway()
         await self.wait_gateway()
         self.gateway_down = False
+        self.disrupted("gateway_kill", start)
         self.event("gateway restarted", pid=self.gateway.pid)
 
     async def kill_scheduler(self) -> None:
@@ -529,20 +643,22 @@ class Chaos:
             return
         child = self.schedulers[name]
         self.schedulers_down.add(name)
+        start = self.now()
         await asyncio.to_thread(child.kill)  # the whole group: its RQ worker child dies too
-        self.kills["scheduler"] += 1
         self.event("SIGKILL active scheduler (and its RQ worker)", name=name, pid=pid)
         await asyncio.sleep(1.0)
         self.start_scheduler(name)
         self.schedulers_down.discard(name)
+        self.disrupted("scheduler_kill", start)
         self.event("scheduler restarted", name=name, pid=self.schedulers[name].pid)
 
     async def restart_redis(self) -> None:
         assert self.redis is not None
         started = time.monotonic()
+        start = self.now()
         self.event("restarting redis (graceful, AOF)")
         await asyncio.to_thread(self.redis.restart)
-        self.kills["redis"] += 1
+        self.disrupted("redis_restart", start)
         self.event("redis back", down_s=f"{time.monotonic() - started:.2f}")
 
     # -- clients
@@ -553,18 +669,24 @@ class Chaos:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.p.concurrency)
         timeout = httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None)
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+            interval = 1.0 / self.p.rate if self.p.rate > 0 else 0.0
+            next_at = time.monotonic()
             try:
                 for index in range(self.p.jobs):
                     if time.monotonic() > self.client_deadline - self.p.drain_s:
                         self.event("time limit: stopping submissions", submitted=index)
                         break
+                    # A steady pace, no catching up after a stall: the load of a busy fleet.
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                     job = self.new_job(index)
                     self.jobs.append(job)
                     await slots.acquire()
+                    next_at = time.monotonic() + interval
                     self.submitted += 1
                     tasks.append(asyncio.create_task(self.run_client(http, job, slots)))
             finally:
                 self.submitting = False
+                self.submissions_over.set()
                 self.client_deadline = min(self.client_deadline, time.monotonic() + self.p.drain_s)
             self.event("all submitted", jobs=len(self.jobs))
             await self.drain(tasks)
@@ -650,6 +772,8 @@ class Chaos:
                         job.error_lines += 1
                         job.error = str(obj["error"])
                     else:
+                        if job.first_chunk_at is None and job.mode == "stream":
+                            job.first_chunk_at = self.now()
                         job.text += str(obj.get("response", ""))
                         job.done_lines += bool(obj.get("done"))
             if job.done_lines:
@@ -783,11 +907,16 @@ class Chaos:
                         )
             retry_inbox = await r.llen(keys.RETRY_INBOX)
             scheduled = await r.zcard("rq:scheduled:" + keys.RETRY_QUEUE)
-        started: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+        # A fake whose worker was killed stayed up: its counts cover the whole run.
+        runs: dict[str, list[dict[str, Any]]] = {}
         for node, (_, port) in self.fakes.items():
-            raw_stats = await asyncio.to_thread(_http_ok, f"http://127.0.0.1:{port}/_fake/stats")
-            for entry in orjson.loads(raw_stats or b"{}").get("started", []):
-                started[entry["prompt"]].append((node, round(entry["t"] - self.t0, 3)))
+            raw = await asyncio.to_thread(_http_ok, f"http://127.0.0.1:{port}/_fake/runs")
+            runs[node] = orjson.loads(raw or b"{}").get("runs", [])
+        by_prompt = fault_report.runs_by_prompt(runs, self.t0)
+        started = {
+            prompt: [(node, t) for t, node in fault_report.JobView.starts_of(node_runs)]
+            for prompt, node_runs in by_prompt.items()
+        }
         return {
             "records": records,
             "stats": stats,
@@ -796,6 +925,7 @@ class Chaos:
             "retry_inbox": retry_inbox,
             "rq_scheduled": scheduled,
             "started": started,
+            "runs": by_prompt,
         }
 
 
@@ -805,9 +935,10 @@ class Chaos:
 @dataclass
 class Verdict:
     lost: list[dict[str, Any]] = field(default_factory=list)
-    duplicated: list[dict[str, Any]] = field(default_factory=list)
+    answered_twice: list[dict[str, Any]] = field(default_factory=list)
     wrong: list[dict[str, Any]] = field(default_factory=list)
-    re_executed: list[dict[str, Any]] = field(default_factory=list)
+    ran_twice: list[dict[str, Any]] = field(default_factory=list)
+    """Only those that count against the target (fault_report's ``target`` bucket)."""
     states: collections.Counter[str] = field(default_factory=collections.Counter)
     clients: collections.Counter[str] = field(default_factory=collections.Counter)
     client_errors: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -816,6 +947,14 @@ class Verdict:
     settle_check: dict[str, int] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     slowest: list[dict[str, Any]] = field(default_factory=list)
+    faults: fault_report.FaultReport | None = None
+    not_injected: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(
+            self.lost or self.answered_twice or self.wrong or self.ran_twice or self.not_injected
+        )
 
 
 def reconcile(run: Chaos) -> Verdict:
@@ -825,14 +964,17 @@ def reconcile(run: Chaos) -> Verdict:
     for job_id, rec in records.items():
         with contextlib.suppress(Exception):
             by_prompt[orjson.loads(rec["req"])["prompt"]].append(job_id)
-    completions = _completions_in_logs(run.log_dir)
     v = Verdict()
+    errors: dict[int, str] = {}
+    final_state: dict[int, str] = {}
+    ids_of: dict[int, str | None] = {}
     for job in run.jobs:
         v.clients[f"{job.mode}:{job.outcome}"] += 1
         if job.outcome not in ("answer", "pending"):
-            v.client_errors[_error_kind(job)] += 1
+            errors[job.index] = _error_kind(job)
+            v.client_errors[errors[job.index]] += 1
         ids = by_prompt.get(job.prompt, [])
-        job_id = job.job_id or (ids[0] if ids else None)
+        job_id = ids_of[job.index] = job.job_id or (ids[0] if ids else None)
         rec = records.get(job_id) if job_id else None
         accepted = job.job_id is not None or bool(ids)
         if not accepted:
@@ -841,9 +983,10 @@ def reconcile(run: Chaos) -> Verdict:
         v.accepted += 1
         state = _text(rec["state"]) if rec else "(no record)"
         v.states[state] += 1
+        final_state[job.index] = state
         case = {"index": job.index, "job": job_id, "mode": job.mode, "state": state}
         if len(ids) > 1:
-            v.duplicated.append({**case, "why": f"{len(ids)} job records for one request"})
+            v.answered_twice.append({**case, "why": f"{len(ids)} job records for one request"})
         if rec is None or state not in FINAL:
             why = "no record" if rec is None else f"still {state} at the end"
             v.lost.append({**case, "why": why})
@@ -851,12 +994,12 @@ def reconcile(run: Chaos) -> Verdict:
             v.lost.append({**case, "why": f"client never answered (record {state})"})
         # What the client got.
         if job.done_lines > 1 or (job.done_lines and job.error_lines):
-            v.duplicated.append(
+            v.answered_twice.append(
                 {**case, "why": f"client got {job.done_lines} done + {job.error_lines} error"}
             )
         elif job.outcome == "answer" and job.text != job.expected:
             twice = job.text.count(job.expected) > 1 or len(job.text) > len(job.expected)
-            target = v.duplicated if twice else v.wrong
+            target = v.answered_twice if twice else v.wrong
             target.append({**case, "why": f"client text {job.text!r}"})
         elif job.text and not job.expected.startswith(job.text):
             v.wrong.append({**case, "why": f"partial text not a prefix: {job.text!r}"})
@@ -869,9 +1012,6 @@ def reconcile(run: Chaos) -> Verdict:
             v.wrong.append({**case, "why": f"client got the answer but the record is {state}"})
         if job.outcome in ("error", "http_error") and state == "done" and job.status != 499:
             v.wrong.append({**case, "why": f"client got {job.status} {job.error!r}, record done"})
-        done_count = completions.get(job_id or "", 0)
-        if done_count > 1:
-            v.re_executed.append({**case, "why": f"completed {done_count} times in worker logs"})
     known = {p for p in by_prompt}.difference(j.prompt for j in run.jobs)
     for prompt in known:
         v.lost.append({"job": by_prompt[prompt][0], "why": "a record no client asked for"})
@@ -895,19 +1035,44 @@ def reconcile(run: Chaos) -> Verdict:
             why = f"took {span:.1f}s from enqueue to {state}"
             v.slowest.append({"job": job_id, "mode": mode.get(job_id, "?"), "why": why})
     if settled > final_records:
-        v.duplicated.append(
+        v.answered_twice.append(
             {"job": None, "why": f"{settled} settlements counted for {final_records} final jobs"}
         )
+    _judge_faults(run, v, errors, final_state, ids_of)
     return v
 
 
-def _completions_in_logs(log_dir: Path) -> collections.Counter[str]:
-    """How many times each job's generation ran to completion on a worker (its INFO log)."""
-    counts: collections.Counter[str] = collections.Counter()
-    for path in log_dir.glob("worker-*.log"):
-        for match in DONE_LINE.finditer(path.read_bytes()):
-            counts[match.group(1).decode()] += 1
-    return counts
+def _judge_faults(
+    run: Chaos,
+    v: Verdict,
+    errors: dict[int, str],
+    final_state: dict[int, str],
+    ids_of: dict[int, str | None],
+) -> None:
+    """Ran twice, from the fakes' counters, and what each disruption did to the jobs it hit."""
+    bad: dict[int, set[str]] = collections.defaultdict(set)
+    for label, cases in (("lost", v.lost), ("answered_twice", v.answered_twice),
+                         ("wrong", v.wrong)):  # fmt: skip
+        for case in cases:
+            if case.get("index") is not None:
+                bad[case["index"]].add(label)
+    runs = run.snapshot["runs"]
+    views = [
+        fault_report.JobView(
+            j.index, ids_of.get(j.index), j.mode, j.sent_at, j.ended_at or run.now(),
+            j.first_chunk_at, runs.get(j.prompt, []),
+        )
+        for j in run.jobs
+    ]  # fmt: skip
+    report = fault_report.build(
+        views, run.disruptions, run.injected, run.enabled, bad, errors, final_state
+    )
+    v.faults = report
+    v.ran_twice = [
+        {**case, "state": final_state.get(case["index"], "?")}
+        for case in report.ran_twice["target"]
+    ]
+    v.not_injected = [kind for kind in run.enabled if not run.injected.get(kind)]
 
 
 def _error_kind(job: ClientJob) -> str:
@@ -921,6 +1086,11 @@ def _error_kind(job: ClientJob) -> str:
         ("after part of the answer", "node died mid-stream"),
         ("stopped in the middle", "node stopped mid-stream"),
         ("queue is unavailable", "redis unavailable (503)"),
+        ("oom", "redis refused a write (OOM)"),
+        ("bad gateway", "a proxy's 502 page"),
+        ("not json", "garbage from the node"),
+        ("before it was done", "node stream ended before done"),
+        ("dropped the connection", "node dropped the connection"),
         ("not found", "model not found (404)"),
         ("timed out", "timed out"),
         ("expired", "expired"),
@@ -960,8 +1130,11 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
         for line in _text(rec.get("history") or b"").splitlines():
             lines.append(f"    history: {line}")
         prompt = orjson.loads(rec["req"]).get("prompt", "")
-        for node, at in run.snapshot["started"].get(prompt, []):
-            lines.append(f"    fake {node} started it at t={at}s")
+        for r in run.snapshot["runs"].get(prompt, []):
+            lines.append(
+                f"    fake {r.node}: started at {_times(r.started_at)}, completed at "
+                f"{_times(r.completed_at)}, spoiled at {_times(r.garbage_at)}"
+            )
         node = _text(rec.get("node"))
         if node and _text(rec.get("state")) == "running":
             now_running = (run.snapshot["nodes"].get(node) or {}).get("running", [])
@@ -987,6 +1160,21 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
                         else ""
                     )
                 )
+    if case.get("index") is not None:
+        job = run.jobs[case["index"]]
+        view = fault_report.JobView(
+            job.index, job_id, job.mode, job.sent_at, job.ended_at or run.now(),
+            job.first_chunk_at, run.snapshot["runs"].get(job.prompt, []),
+        )  # fmt: skip
+        for d in run.disruptions:
+            at = fault_report.hit_time(d, view)
+            if at is not None:
+                where = f" on {d.node}" if d.node else ""
+                lines.append(
+                    f"    hit by {d.kind}{where} at t={at:.2f}s (it began t={d.start:.2f}s)"
+                )
+        if job.first_chunk_at is not None:
+            lines.append(f"    first chunk reached the client at t={job.first_chunk_at:.2f}s")
     logged = []
     for path in sorted(run.log_dir.glob("*.log")):
         with contextlib.suppress(OSError):
@@ -997,6 +1185,10 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
     if cause:
         lines.insert(1, f"    likely cause: {cause}")
     return lines + logged
+
+
+def _times(times: list[float]) -> str:
+    return "[" + ", ".join(f"{t:.2f}s" for t in times) + "]" if times else "-"
 
 
 def _likely_cause(rec: dict[str, Any] | None, logged: list[str], found: list[str]) -> str:
@@ -1030,23 +1222,6 @@ def _http_ok(url: str) -> bytes | None:
         return None
 
 
-async def _held_by(r: Redis, node: str) -> list[str]:
-    """Job ids of the stream entries ``node`` has claimed and not settled."""
-    held = []
-    for priority in keys.PRIORITIES:
-        stream = keys.stream(MODEL, priority)
-        if not await r.exists(stream):
-            continue
-        rows = await r.xpending_range(
-            stream, keys.GROUP, min="-", max="+", count=1000, consumername=node
-        )
-        for row in rows:
-            entries = await r.xrange(stream, row["message_id"], row["message_id"])
-            if entries:
-                held.append(_text(entries[0][1].get(b"j")))
-    return held
-
-
 async def _count_nodes(r: Redis, wanted: int) -> bool:
     return int(await r.zcard(keys.NODES)) >= wanted
 
@@ -1074,32 +1249,44 @@ def _rel(value: Any, t0: float) -> str:
 
 def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str, Any]]:
     snap = run.snapshot
+    assert v.faults is not None
+    injected = ", ".join(f"{k} x{run.injected.get(k, 0)}" for k in run.enabled) or "none"
+    spells = [spell for spell in run.registry.finish(run.now()) if spell[2] - spell[1] >= 1.0]
     out = [
         "",
         "== chaos result ==",
         f"jobs: {len(run.jobs)} submitted, {v.accepted} accepted, {v.not_accepted} not accepted "
         f"(refused before enqueue); wall {wall:.1f}s",
-        "kills: " + ", ".join(f"{k} x{n}" for k, n in sorted(run.kills.items())),
+        f"disruptions injected: {injected}",
+        *[f"  {line}" for line in _fault_details(run)],
         "unexpected exits (restarted): "
         + (", ".join(f"{k} x{n}" for k, n in sorted(run.crashes.items())) or "none"),
         "final states: " + ", ".join(f"{k}={n}" for k, n in sorted(v.states.items())),
         "clients: " + ", ".join(f"{k}={n}" for k, n in sorted(v.clients.items())),
         "client errors by kind: "
         + (", ".join(f"{k}={n}" for k, n in v.client_errors.most_common()) or "none"),
+        *v.faults.lines(),
         f"stats: {snap['stats']}",
         f"settlement check: {v.settle_check}; retry inbox {snap['retry_inbox']}, "
         f"RQ scheduled {snap['rq_scheduled']}, pending entries "
         f"{ {k: len(x) for k, x in snap['pending'].items()} }",
-        f"re-executed (completed twice, answered once): {len(v.re_executed)}; "
+        "nodes that looked dead while their worker ran (heartbeat older than the node TTL, "
+        "spells of 1 s or more): "
+        + (", ".join(f"{n} t={a:.1f}-{b:.1f}s" for n, a, b in spells) or "none"),
         f"GET /jobs/{{id}} unanswered for 15 s: {sum(j.poll_timeouts for j in run.jobs)}",
         f"enqueue to final state: {v.latency}",
         f"logs: {run.log_dir}",
     ]
+    if v.not_injected:
+        out.append(f"NOT INJECTED (enabled, but it never happened): {', '.join(v.not_injected)}")
+    allowed = v.faults.ran_twice["streamed"] + v.faults.ran_twice["worker_gone"]
     for title, cases in (
         ("LOST", v.lost),
-        ("DUPLICATED", v.duplicated),
+        ("ANSWERED TWICE", v.answered_twice),
         ("WRONG", v.wrong),
-        ("re-executed", v.re_executed),
+        ("RAN TWICE (not streamed when hit)", v.ran_twice),
+        ("ran twice, allowed", allowed),
+        ("garbage, not recovered (for information)", v.faults.garbage_unrecovered),
         ("slowest (for information)", v.slowest),
     ):
         if cases:
@@ -1111,16 +1298,22 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
     counts = " ".join(f"{s}={v.states.get(s, 0)}" for s in ("done", "failed", "cancelled",
                                                              "expired", "dead"))  # fmt: skip
     out.append(
-        f"lost={len(v.lost)} duplicated={len(v.duplicated)} wrong={len(v.wrong)} {counts} "
-        f"re_executed={len(v.re_executed)} accepted={v.accepted} not_accepted={v.not_accepted}"
+        f"lost={len(v.lost)} answered_twice={len(v.answered_twice)} ran_twice={len(v.ran_twice)} "
+        f"wrong={len(v.wrong)} ran_twice_allowed={len(allowed)} "
+        f"not_injected={len(v.not_injected)} {counts} "
+        f"accepted={v.accepted} not_accepted={v.not_accepted}"
     )
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "seed": run.seed,
         "profile": asdict(run.p),
+        "enabled": run.enabled,
         "wall_s": round(wall, 1),
-        "kills": dict(run.kills),
+        "injected": {k: run.injected.get(k, 0) for k in run.enabled},
+        "not_injected": v.not_injected,
+        "disruptions": [asdict(d) for d in run.disruptions],
         "unexpected_exits": dict(run.crashes),
+        "looked_dead": [{"node": n, "from": a, "to": b} for n, a, b in spells],
         "t0": datetime.fromtimestamp(run.t0, UTC).isoformat(timespec="milliseconds"),
         "events": run.events,
         "states": dict(v.states),
@@ -1129,9 +1322,9 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
         "accepted": v.accepted,
         "not_accepted": v.not_accepted,
         "lost": v.lost,
-        "duplicated": v.duplicated,
+        "answered_twice": v.answered_twice,
         "wrong": v.wrong,
-        "re_executed": v.re_executed,
+        **v.faults.as_dict(),
         "latency": v.latency,
         "slowest": v.slowest,
         "stats": snap["stats"],
@@ -1142,6 +1335,26 @@ def summarize(run: Chaos, v: Verdict, wall: float) -> tuple[list[str], dict[str,
     return out, report
 
 
+def _fault_details(run: Chaos) -> list[str]:
+    """One line per one-off disruption: when, where, and what it did."""
+    lines = []
+    for d in run.disruptions:
+        if d.kind in ("worker_kill", "clock_skew"):
+            continue  # many, and in the event log
+        where = f" on {d.node}" if d.node else ""
+        held = f", caught {len(d.jobs)} job(s)" if d.jobs is not None else ""
+        extra = "".join(f", {k} {v}" for k, v in d.detail.items())
+        lines.append(f"{d.kind}{where}: t={d.start:.1f}-{d.end:.1f}s{held}{extra}")
+    skews = collections.Counter((d.node, d.detail.get("offset")) for d in run.disruptions
+                                if d.kind == "clock_skew")  # fmt: skip
+    if skews:
+        lines.append(
+            "clock_skew (CORRAL_CLOCK_OFFSET, ignored by a worker that does not know it): "
+            + ", ".join(f"{node} {offset}s x{n} process(es)" for (node, offset), n in skews.items())
+        )
+    return lines
+
+
 async def main_async(args: argparse.Namespace, run: Chaos) -> int:
     started = time.monotonic()
     run.hard_deadline = started + run.p.limit_s
@@ -1149,29 +1362,43 @@ async def main_async(args: argparse.Namespace, run: Chaos) -> int:
     run.client_deadline = run.hard_deadline - 8.0  # keeps time to reconcile and tear down
     chaos = asyncio.create_task(run.chaos())
     supervisor = asyncio.create_task(run.supervise())
+    registry = asyncio.create_task(run.registry.watch())
     try:
         await run.submit_all()
     finally:
         run.submitting = False
+        run.submissions_over.set()
         await asyncio.wait([chaos])
-        supervisor.cancel()
-        await asyncio.wait([supervisor])
+        for task in (supervisor, registry):
+            task.cancel()
+        await asyncio.wait([supervisor, registry])
     if chaos.exception():
         raise chaos.exception()  # type: ignore[misc]
     verdict = reconcile(run)
     lines, run.report = summarize(run, verdict, time.monotonic() - started)
     print("\n".join(lines), flush=True)
-    return 1 if verdict.lost or verdict.duplicated or verdict.wrong else 0
+    return 1 if verdict.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=None, help="jobs to submit (default 2000)")
     parser.add_argument("--duration-limit", type=float, default=None, help="seconds, all in")
-    parser.add_argument("--short", action="store_true", help="a CI-sized run under 2 minutes")
+    parser.add_argument("--short", action="store_true", help="a CI-sized run (about 2 minutes)")
+    parser.add_argument(
+        "--faults",
+        default="all",
+        help="disruptions to inject: all (default), kills, faults, none, or a comma-separated "
+        f"list of {', '.join(DISRUPTIONS)}",
+    )
+    parser.add_argument("--without", default="", help="disruptions to leave out (same names)")
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
     parser.add_argument("--json", default=None, help="write the full report here")
     args = parser.parse_args(argv)
+    try:
+        enabled = parse_names(args.faults) - parse_names(args.without)
+    except ValueError as exc:
+        parser.error(str(exc))
     base = SHORT if args.short else FULL
     profile = dataclasses.replace(base)
     if args.jobs is not None:
@@ -1181,13 +1408,14 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1, 1_000_000)
     log_dir = Path(tempfile.mkdtemp(prefix="corral-chaos-"))
     print(f"chaos: seed {seed}, {profile.jobs} jobs, logs in {log_dir}", flush=True)
+    print(f"chaos: disruptions: {', '.join(d for d in DISRUPTIONS if d in enabled)}", flush=True)
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    run = Chaos(profile, seed, log_dir)
+    run = Chaos(profile, seed, log_dir, enabled)
     try:
         code = asyncio.run(main_async(args, run))
         if args.json:

@@ -20,8 +20,11 @@ from corral.testing.fake_ollama import (
     FakeOllama,
     FakeOllamaConfig,
     FakeOllamaServer,
+    _config_from_args,
+    _parser,
     start_fake_ollama,
 )
+from corral.testing.fake_ollama_stats import fingerprint
 
 RFC3339_NS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
@@ -565,6 +568,167 @@ async def test_stop_aborts_open_streams(start: StartServer, http: httpx.AsyncCli
     await server.stop()
     with pytest.raises(httpx.TransportError):
         await running
+
+
+# -- garbage answers, a slow /api/ps, and the run registry ---------------------------------
+
+
+async def stream_raw(http: httpx.AsyncClient, url: str, prompt: str) -> tuple[int, str, list[str]]:
+    """Status, content type and the raw lines of a streamed generate, as they came."""
+    body = {"model": "llama3", "prompt": prompt}
+    async with http.stream("POST", f"{url}/api/generate", json=body) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+        return response.status_code, response.headers["content-type"], lines
+
+
+def run_of(fake: FakeOllama, prompt: str, model: str = "llama3:latest") -> dict[str, Any]:
+    key = fingerprint(model, prompt)
+    return next(run for run in fake.counters.runs_snapshot() if run["fingerprint"] == key)
+
+
+async def test_garbage_marker_sends_a_non_json_line_mid_stream(
+    start: StartServer, http: httpx.AsyncClient
+) -> None:
+    server = await start(garbage_marker="SPOIL", garbage_kind="json", garbage_after_tokens=2)
+    status, _, lines = await stream_raw(http, server.url, "SPOIL a b c d")
+    assert status == 200
+    assert [json.loads(line)["response"] for line in lines[:2]] == ["echo: ", "SPOIL "]
+    assert lines[2:] == ["garbage: this line is not JSON"]  # and the body ends there
+    # A prompt without the marker is answered properly, and only it counts as completed.
+    assert json.loads((await stream_raw(http, server.url, "fine"))[2][-1])["done"] is True
+    stats = server.fake.stats()
+    assert (stats["garbage"], stats["completed"]) == (1, 1)
+    spoiled, fine = run_of(server.fake, "SPOIL a b c d"), run_of(server.fake, "fine")
+    assert (spoiled["started"], spoiled["completed"], spoiled["garbage"]) == (1, 0, 1)
+    assert (fine["started"], fine["completed"], fine["garbage"]) == (1, 1, 0)
+
+
+async def test_garbage_html_is_a_proxy_502_before_any_generation(start: StartServer) -> None:
+    server = await start(garbage_rate=1.0, garbage_kind="html")
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{server.url}/api/generate", json={"model": "llama3", "prompt": "x"}
+        )
+    assert response.status_code == 502
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<h1>502 Bad Gateway</h1>" in response.text
+    api = ollama.AsyncClient(host=server.url)
+    try:
+        with pytest.raises(ollama.ResponseError) as failed:
+            await api.chat(model="llama3", messages=[{"role": "user", "content": "y"}])
+    finally:
+        await api.close()
+    assert failed.value.status_code == 502
+    stats = server.fake.stats()
+    assert (stats["garbage"], stats["completed"], stats["started"]) == (2, 0, [])
+    assert run_of(server.fake, "x")["started"] == 0 and run_of(server.fake, "x")["garbage"] == 1
+
+
+async def test_garbage_truncate_ends_the_body_before_done(
+    start: StartServer, http: httpx.AsyncClient
+) -> None:
+    server = await start(garbage_rate=1.0, garbage_kind="truncate", garbage_after_tokens=1)
+    status, _, lines = await stream_raw(http, server.url, "a b c")
+    assert status == 200
+    assert [json.loads(line) for line in lines] == [
+        {**json.loads(lines[0]), "response": "echo: ", "done": False}
+    ]
+    # Not streamed: a 200 whose JSON body stops half way.
+    single = await http.post(
+        f"{server.url}/api/generate", json={"model": "llama3", "prompt": "a b", "stream": False}
+    )
+    assert single.status_code == 200 and single.text.startswith('{"model":"llama3"')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(single.text)
+    assert server.fake.stats()["garbage"] == 2
+
+
+async def test_garbage_cut_closes_the_connection_before_done(
+    start: StartServer, http: httpx.AsyncClient
+) -> None:
+    server = await start(garbage_marker="CUT", garbage_kind="cut", garbage_after_tokens=1)
+    with pytest.raises(httpx.TransportError):
+        await stream_raw(http, server.url, "CUT a b c")
+    stats = await server.fake.wait_until(lambda s: s["active"] == 0)
+    assert (stats["garbage"], stats["completed"], stats["disconnects"]) == (1, 0, 0)
+
+
+async def test_garbage_mixed_takes_each_kind_in_turn(
+    start: StartServer, http: httpx.AsyncClient
+) -> None:
+    server = await start(garbage_rate=1.0, garbage_after_tokens=0)
+    json_kind = await stream_raw(http, server.url, "one")
+    html_kind = await stream_raw(http, server.url, "two")
+    truncated = await stream_raw(http, server.url, "three")
+    with pytest.raises(httpx.TransportError):
+        await stream_raw(http, server.url, "four")
+    assert json_kind[2] == ["garbage: this line is not JSON"]
+    assert html_kind[0] == 502 and html_kind[1].startswith("text/html")
+    assert truncated[:3] == (200, "application/x-ndjson", [])
+    await server.fake.wait_until(lambda s: s["garbage"] == 4 and s["active"] == 0)
+    server.fake.configure(garbage_rate=0.0)
+    assert json.loads((await stream_raw(http, server.url, "five"))[2][-1])["done"] is True
+
+
+async def test_ps_delay_holds_back_only_ps(start: StartServer, http: httpx.AsyncClient) -> None:
+    server = await start(ps_delay=30)
+    ps = asyncio.create_task(http.get(f"{server.url}/api/ps"))
+    await server.fake.wait_until(lambda s: s["slow_ps"] == 1)
+    # Everything else answers while /api/ps is held back.
+    assert (await http.get(f"{server.url}/api/tags")).status_code == 200
+    answer = await http.post(f"{server.url}/api/generate", json={"model": "llama3", "prompt": "x"})
+    assert answer.status_code == 200
+    assert not ps.done()
+    server.fake.configure(ps_delay=0)  # later calls are quick again; the held one still waits
+    assert (await http.get(f"{server.url}/api/ps")).status_code == 200
+    assert not ps.done()
+    ps.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ps
+    assert server.fake.stats()["slow_ps"] == 1
+
+
+async def test_runs_count_starts_and_completions_per_request(
+    start: StartServer, http: httpx.AsyncClient
+) -> None:
+    server = await start(token_rate=20)
+    fake = server.fake
+    body = {**slow_generate("twice"), "options": {"num_predict": 40}}
+    # First generation: the client goes away mid-stream, so it starts but never completes.
+    async with http.stream("POST", f"{server.url}/api/generate", json=body) as response:
+        async for _ in response.aiter_lines():
+            break
+    await fake.wait_until(lambda s: s["disconnects"] == 1 and s["active"] == 0)
+    fake.configure(token_rate=0)
+    await http.post(f"{server.url}/api/generate", json={**body, "stream": False})
+    await http.post(f"{server.url}/api/chat", json={"model": "llama3", "messages": [
+        {"role": "user", "content": "twice"}
+    ]})  # fmt: skip
+    runs = (await http.get(f"{server.url}/_fake/runs")).json()["runs"]
+    assert len(runs) == 1  # chat and generate of one prompt on one model share a fingerprint
+    run = runs[0]
+    assert run["fingerprint"] == fingerprint("llama3:latest", "twice")
+    assert (run["prompt"], run["model"], run["started"], run["completed"]) == (
+        "twice", "llama3:latest", 3, 2
+    )  # fmt: skip
+    assert len(run["started_at"]) == 3 and len(run["completed_at"]) == 2
+    assert run["started_at"][0] <= run["completed_at"][0]
+    await http.post(f"{server.url}/_fake/reset")
+    assert (await http.get(f"{server.url}/_fake/runs")).json() == {"runs": []}
+
+
+def test_cli_garbage_and_ps_flags() -> None:
+    args = _parser().parse_args(
+        ["--garbage-marker", "BAD", "--garbage-rate", "0.25", "--garbage-kind", "cut",
+         "--garbage-after-tokens", "3", "--ps-delay", "9"]
+    )  # fmt: skip
+    config = _config_from_args(args)
+    assert (config.garbage_marker, config.garbage_rate, config.garbage_kind) == ("BAD", 0.25, "cut")
+    assert (config.garbage_after_tokens, config.ps_delay) == (3, 9.0)
+    with pytest.raises(ValueError, match="garbage_kind"):
+        _config_from_args(_parser().parse_args(["--garbage-kind", "nonsense"]))
+    with pytest.raises(ValueError, match="ps_delay"):
+        _config_from_args(_parser().parse_args(["--ps-delay", "-1"]))
 
 
 # -- control surface ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The official `ollama` client works against it unchanged. Replies are deterministic
 ("echo: <prompt>"), scheduling follows Ollama's (parallel slots, FIFO queue, model loads
-and LRU eviction), failures can be injected, and counters record what happened:
+and LRU eviction), failures can be injected (errors, crashes, hangs, garbage answers, a
+slow ``/api/ps``), and counters record what happened, per request too (``/_fake/runs``):
 
     server = await start_fake_ollama(FakeOllamaConfig(num_parallel=2))
     client = ollama.AsyncClient(host=server.url)
@@ -256,6 +257,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-status", type=int, default=defaults.fail_status)
     p.add_argument("--crash-after-tokens", type=int, default=None)
     p.add_argument("--hang", action="store_true")
+    p.add_argument(
+        "--garbage-marker",
+        default=defaults.garbage_marker,
+        help="answer garbage to prompts that contain this text",
+    )
+    p.add_argument(
+        "--garbage-rate",
+        type=float,
+        default=defaults.garbage_rate,
+        help="share of generations answered with garbage",
+    )
+    p.add_argument(
+        "--garbage-kind",
+        default=defaults.garbage_kind,
+        help="json, html, truncate, cut, or mixed (each in turn)",
+    )
+    p.add_argument(
+        "--garbage-after-tokens",
+        type=int,
+        default=defaults.garbage_after_tokens,
+        help="tokens streamed before the garbage",
+    )
+    p.add_argument(
+        "--ps-delay", type=float, default=defaults.ps_delay, help="seconds /api/ps waits"
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--context-length", type=int, default=defaults.context_length)
     return p
@@ -277,6 +303,11 @@ def _config_from_args(args: argparse.Namespace) -> FakeOllamaConfig:
             "fail_status": args.fail_status,
             "crash_after_tokens": args.crash_after_tokens,
             "hang": args.hang,
+            "garbage_marker": args.garbage_marker,
+            "garbage_rate": args.garbage_rate,
+            "garbage_kind": args.garbage_kind,
+            "garbage_after_tokens": args.garbage_after_tokens,
+            "ps_delay": args.ps_delay,
             "seed": args.seed,
             "context_length": args.context_length,
         }

@@ -30,6 +30,7 @@ from corral.testing.fake_ollama_wire import (
     ApiError,
     ClientGoneError,
     Exchange,
+    GarbageSentError,
     NodeCrashedError,
 )
 
@@ -104,8 +105,8 @@ class ModelEndpoint:
         if work.cancelled():
             return "failed" if ex.aborted else "disconnects"
         error = work.exception()
-        if error is None or isinstance(error, NodeCrashedError):
-            return None  # counted as the answer ended (on_complete) or as it crashed
+        if error is None or isinstance(error, NodeCrashedError | GarbageSentError):
+            return None  # counted as the answer ended (on_complete), crashed or was spoiled
         if isinstance(error, ApiError) and not ex.started:
             self._fake.counters.add("failed", ex.model)  # before the client can see it
             await ex.send_error(error.status, error.message)
@@ -160,6 +161,10 @@ class _Routes:
     async def ps(self, request: Request) -> Response:
         fake = self.fake
         fake.counters.count_request("/api/ps", None)
+        delay = fake.config.ps_delay
+        if delay > 0:
+            fake.counters.add("slow_ps", None)
+            await fake.hold(delay)
         models = []
         for inst in fake.scheduler.ready_instances():
             meta = fake.find_model(inst.model)
@@ -223,6 +228,10 @@ class _Routes:
     async def fake_stats(self, request: Request) -> Response:
         return _json(self.fake.stats())
 
+    async def fake_runs(self, request: Request) -> Response:
+        """Per request fingerprint: generations started, completed and spoiled, with times."""
+        return _json({"runs": self.fake.counters.runs_snapshot()})
+
     async def fake_config(self, request: Request) -> Response:
         if request.method == "POST":
             changes = req.parse_body(await request.body())
@@ -268,6 +277,7 @@ def _routes(fake: FakeOllama) -> list[BaseRoute]:
         ("/api/delete", r.delete, ["DELETE"]),
         ("/api/copy", r.copy, ["POST"]),
         ("/_fake/stats", r.fake_stats, ["GET"]),
+        ("/_fake/runs", r.fake_runs, ["GET"]),
         ("/_fake/config", r.fake_config, ["GET", "POST"]),
         ("/_fake/reset", r.fake_reset, ["POST"]),
     ]

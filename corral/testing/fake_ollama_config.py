@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_MODELS = ("llama3:latest", "qwen2:0.5b", "nomic-embed-text:latest")
+GARBAGE_KINDS = ("json", "html", "truncate", "cut")
+"""What a garbage answer looks like: a non-JSON line mid-stream, a proxy's HTML 502 page,
+a stream that ends before its ``done`` line, or a connection closed before it."""
+MIXED = "mixed"
+"""Garbage kind that takes each of ``GARBAGE_KINDS`` in turn."""
 
 
 def _default_models() -> list[str]:
@@ -35,6 +40,15 @@ class FakeOllamaConfig:
     fail_next: int = 0
     crash_after_tokens: int | None = None
     hang: bool = False
+    # Garbage answers, as from a broken proxy or runner: for generations whose prompt
+    # contains `garbage_marker` (when set) and for a `garbage_rate` share of the others,
+    # after `garbage_after_tokens` tokens. Garbage never counts as a completion.
+    garbage_marker: str = ""
+    garbage_rate: float = 0.0
+    garbage_kind: str = MIXED
+    garbage_after_tokens: int = 0
+    # Seconds every /api/ps answer is held back (a node too busy to answer quickly).
+    ps_delay: float = 0.0
     seed: int = 0
     # Models loaded at start, without delay.
     preloaded: list[str] = field(default_factory=list)
@@ -73,6 +87,19 @@ def _as_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a boolean")
     return value
+
+
+def _as_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    return value
+
+
+def _garbage_kind(name: str, value: Any) -> str:
+    kinds = (*GARBAGE_KINDS, MIXED)
+    if value not in kinds:
+        raise ValueError(f"{name} must be one of {', '.join(kinds)}")
+    return str(value)
 
 
 def _as_names(name: str, value: Any) -> list[str]:
@@ -125,6 +152,11 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "fail_next": _at_least(0, _as_int),
     "crash_after_tokens": _at_least(0, _as_optional_int),
     "hang": _as_bool,
+    "garbage_marker": _as_str,
+    "garbage_rate": _probability,
+    "garbage_kind": _garbage_kind,
+    "garbage_after_tokens": _at_least(0, _as_int),
+    "ps_delay": _at_least(0, _as_float),
     "seed": _as_int,
     "context_length": _at_least(1, _as_int),
     "keep_alive": _as_float,

@@ -9,6 +9,7 @@ from typing import Any
 
 from corral.testing import fake_ollama_requests as req
 from corral.testing.fake_ollama_config import FakeOllamaConfig
+from corral.testing.fake_ollama_garbage import answer_bad_gateway, spoil
 from corral.testing.fake_ollama_models import now_rfc3339
 from corral.testing.fake_ollama_state import FakeOllama
 from corral.testing.fake_ollama_text import (
@@ -39,6 +40,8 @@ class _Reply:
     received_ns: int
     load_ns: int
     context_prompt: str | None = None  # generate (non-raw) returns token ids as `context`
+    garbage: str | None = None  # the kind of garbage to answer instead (fake_ollama_garbage)
+    run: str = ""  # the request's fingerprint in the run registry
 
 
 class _Pacer:
@@ -76,22 +79,26 @@ async def handle_generate(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) 
     if meta.embedding:
         raise ApiError(400, f'"{name}" does not support generate')
     plan = _plan(prompt, opts, req.wants_json(body), req.think_flag(body), None)
+    garbage = None
     if prompt:
         await fake.inject_failure()
+        garbage = await _garbage(fake, ex, meta.name, prompt)
     async with fake.slot(meta.name, opts.num_ctx, keep_alive) as lease:
         if not prompt:  # Ollama's way to load a model without generating
             final, stream = _status_reply("generate", name, "load"), False
         else:
-            reply = _Reply(
-                "generate",
-                name,
-                plan,
-                prompt_tokens=max(1, word_count(prompt)),
-                received_ns=received_ns,
-                load_ns=int(lease.load_seconds * 1e9),
-                context_prompt=None if body.get("raw") else prompt,
-            )
-            with fake.generating("/api/generate", meta.name, prompt):
+            with fake.generating("/api/generate", meta.name, prompt, ex) as run:
+                reply = _Reply(
+                    "generate",
+                    name,
+                    plan,
+                    prompt_tokens=max(1, word_count(prompt)),
+                    received_ns=received_ns,
+                    load_ns=int(lease.load_seconds * 1e9),
+                    context_prompt=None if body.get("raw") else prompt,
+                    garbage=garbage,
+                    run=run,
+                )
                 final = await _generate(fake, ex, reply, stream)
     await _finish(ex, final, stream)
 
@@ -110,21 +117,26 @@ async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> N
     prompt = req.last_user_content(chat)
     tool = req.first_tool_name(body)
     plan = _plan(prompt, opts, req.wants_json(body), req.think_flag(body), tool)
+    garbage = None
     if chat:
         await fake.inject_failure()
+        garbage = await _garbage(fake, ex, meta.name, prompt)
     async with fake.slot(meta.name, opts.num_ctx, keep_alive) as lease:
         if not chat:
             final, stream = _status_reply("chat", name, "load"), False
         else:
-            reply = _Reply(
-                "chat",
-                name,
-                plan,
-                prompt_tokens=max(1, sum(word_count(str(m.get("content") or "")) for m in chat)),
-                received_ns=received_ns,
-                load_ns=int(lease.load_seconds * 1e9),
-            )
-            with fake.generating("/api/chat", meta.name, prompt):
+            words = sum(word_count(str(m.get("content") or "")) for m in chat)
+            with fake.generating("/api/chat", meta.name, prompt, ex) as run:
+                reply = _Reply(
+                    "chat",
+                    name,
+                    plan,
+                    prompt_tokens=max(1, words),
+                    received_ns=received_ns,
+                    load_ns=int(lease.load_seconds * 1e9),
+                    garbage=garbage,
+                    run=run,
+                )
                 final = await _generate(fake, ex, reply, stream)
     await _finish(ex, final, stream)
 
@@ -140,7 +152,7 @@ async def handle_embed(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> 
     async with fake.slot(meta.name, opts.num_ctx, keep_alive) as lease:
         # An empty input only loads the model, as in Ollama.
         if texts:
-            with fake.generating("/api/embed", meta.name, "\n".join(texts)):
+            with fake.generating("/api/embed", meta.name, "\n".join(texts), ex):
                 cfg = fake.config
                 answer["embeddings"] = [
                     normalized_embedding(t, cfg.embedding_dim, cfg.seed, dims) for t in texts
@@ -161,9 +173,17 @@ async def handle_embeddings(fake: FakeOllama, ex: Exchange, body: dict[str, Any]
     vector: list[float] = []
     async with fake.slot(meta.name, opts.num_ctx, keep_alive):
         if prompt:
-            with fake.generating("/api/embeddings", meta.name, prompt):
+            with fake.generating("/api/embeddings", meta.name, prompt, ex):
                 vector = raw_embedding(prompt, fake.config.embedding_dim, fake.config.seed)
     await ex.send_json(200, {"embedding": vector})
+
+
+async def _garbage(fake: FakeOllama, ex: Exchange, model: str, prompt: str) -> str | None:
+    """The garbage this prompt gets; a proxy's HTML page is answered here, before any slot."""
+    kind = fake.garbage_for(prompt)
+    if kind == "html":
+        await answer_bad_gateway(fake, ex, model, prompt)
+    return kind
 
 
 def _plan(
@@ -185,14 +205,20 @@ async def _generate(fake: FakeOllama, ex: Exchange, reply: _Reply, stream: bool)
         pieces.append(("tools", ""))
     pacer = _Pacer(fake.config)
     eval_started = time.monotonic_ns()
+    spoil_at = fake.config.garbage_after_tokens if reply.garbage is not None else None
     for emitted, (kind, piece) in enumerate(pieces):
         await pacer.next()
         _crash_if_due(fake, ex, emitted)
+        if stream and reply.garbage is not None and emitted == spoil_at:
+            await spoil(fake, ex, reply.run, reply.garbage, None)
         if stream:
             await ex.send_line(_chunk(reply, kind, piece))
     _crash_if_due(fake, ex, len(pieces))
     stats = _timings(reply, len(pieces), time.monotonic_ns() - eval_started)
-    return _final(reply, stats, full=not stream)
+    final = _final(reply, stats, full=not stream)
+    if reply.garbage is not None:  # a short answer, or one not streamed: spoil its end
+        await spoil(fake, ex, reply.run, reply.garbage, None if stream else final)
+    return final
 
 
 async def _finish(ex: Exchange, final: dict[str, Any], stream: bool) -> None:

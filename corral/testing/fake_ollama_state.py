@@ -10,7 +10,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
-from corral.testing.fake_ollama_config import FakeOllamaConfig, validate_changes
+from corral.testing.fake_ollama_config import (
+    GARBAGE_KINDS,
+    MIXED,
+    FakeOllamaConfig,
+    validate_changes,
+)
 from corral.testing.fake_ollama_models import (
     ModelMeta,
     describe,
@@ -40,6 +45,8 @@ class FakeOllama:
         self._catalogue: dict[str, ModelMeta] = {}
         self._rng = random.Random(self.config.seed)
         self._inflight: set[Exchange] = set()
+        self._garbage_turns = 0
+        self._closed = asyncio.Event()
         self.closing = False
         self.counters = Stats(self.config.models, self._notify)
         self.scheduler = Scheduler(self.config, self.counters)
@@ -128,14 +135,42 @@ class FakeOllama:
             raise ApiError(503, QUEUE_FULL_MESSAGE) from None
 
     @contextlib.contextmanager
-    def generating(self, endpoint: str, model: str, prompt: str) -> Iterator[None]:
-        """Count one generation as active for its duration and log its start."""
+    def generating(
+        self, endpoint: str, model: str, prompt: str, ex: Exchange | None = None
+    ) -> Iterator[str]:
+        """Count one generation as active for its duration and log its start.
+
+        Yields the request's fingerprint in the run registry; with ``ex``, the run counts
+        as completed when the answer's last bytes go out.
+        """
         self.counters.change_active(model, +1)
         self.counters.log_start(endpoint, model, prompt)
+        run = self.counters.run_started(model, prompt)
+        if ex is not None:
+            previous = ex.on_complete
+
+            def completed() -> None:
+                if previous is not None:
+                    previous()
+                self.counters.run_ended(run, "completed")
+
+            ex.on_complete = completed
         try:
-            yield
+            yield run
         finally:
             self.counters.change_active(model, -1)
+
+    def garbage_for(self, prompt: str) -> str | None:
+        """The kind of garbage to answer this prompt with, or None for a proper answer."""
+        cfg = self.config
+        marked = bool(cfg.garbage_marker) and cfg.garbage_marker in prompt
+        if not marked and not (cfg.garbage_rate > 0 and self._rng.random() < cfg.garbage_rate):
+            return None
+        if cfg.garbage_kind != MIXED:
+            return cfg.garbage_kind
+        kind = GARBAGE_KINDS[self._garbage_turns % len(GARBAGE_KINDS)]
+        self._garbage_turns += 1
+        return kind
 
     async def inject_failure(self) -> None:
         """Apply `hang`, `fail_next` and `fail_rate` to a request about to be served."""
@@ -155,8 +190,15 @@ class FakeOllama:
     def abort_inflight(self) -> None:
         """Stop serving: kill every open model request as a node going down would."""
         self.closing = True
+        self._closed.set()
         for exchange in list(self._inflight):
             exchange.abort()
+
+    async def hold(self, seconds: float) -> None:
+        """Take ``seconds`` to answer (a slow node), unless the node shuts down first."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closed.wait()
 
     def expires_at_ns(self, monotonic_deadline: float | None) -> int | None:
         if monotonic_deadline is None:

@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 STARTED_LOG_LIMIT = 10_000
+RUNS_LIMIT = 100_000
+"""Request fingerprints remembered in the run registry; the oldest are forgotten first."""
+RUN_TIMES_LIMIT = 32
 # Outcome and event counters; `active` and `waiting` are gauges, not counters.
-COUNTERS = ("completed", "failed", "disconnects", "loads", "evictions")
+# `garbage`: answers spoiled on purpose; `slow_ps`: /api/ps answers held back.
+COUNTERS = ("completed", "failed", "disconnects", "loads", "evictions", "garbage", "slow_ps")
+
+
+def fingerprint(model: str, prompt: str) -> str:
+    """The key of one request in the run registry: its model and its prompt."""
+    return hashlib.sha256(f"{model}\n{prompt}".encode()).hexdigest()[:20]
+
+
+@dataclass
+class Run:
+    """What happened to every generation of one request (one fingerprint) on this node."""
+
+    model: str
+    prompt: str
+    started: int = 0
+    completed: int = 0
+    garbage: int = 0
+    started_at: list[float] = field(default_factory=list)
+    completed_at: list[float] = field(default_factory=list)
+    garbage_at: list[float] = field(default_factory=list)
+
+    def as_dict(self, key: str) -> dict[str, Any]:
+        return {
+            "fingerprint": key,
+            "model": self.model,
+            "prompt": self.prompt,
+            "started": self.started,
+            "completed": self.completed,
+            "garbage": self.garbage,
+            "started_at": list(self.started_at),
+            "completed_at": list(self.completed_at),
+            "garbage_at": list(self.garbage_at),
+        }
 
 
 @dataclass
@@ -24,6 +61,8 @@ class Counters:
     disconnects: int = 0
     loads: int = 0
     evictions: int = 0
+    garbage: int = 0
+    slow_ps: int = 0
 
     def zero(self) -> None:
         """Forget history but keep the gauges, which describe requests still in flight."""
@@ -49,6 +88,7 @@ class Stats:
         self.total = Counters()
         self.models: dict[str, Counters] = {name: Counters() for name in models}
         self.started: deque[dict[str, Any]] = deque(maxlen=STARTED_LOG_LIMIT)
+        self.runs: OrderedDict[str, Run] = OrderedDict()
         self._next_id = 0
         self._on_change = on_change
 
@@ -88,11 +128,46 @@ class Stats:
         self._on_change()
         return self._next_id
 
+    def run_entry(self, model: str, prompt: str) -> str:
+        """The fingerprint of this request, with a run record for it (created if new)."""
+        key = fingerprint(model, prompt)
+        if key not in self.runs:
+            self.runs[key] = Run(model, prompt)
+            if len(self.runs) > RUNS_LIMIT:
+                self.runs.popitem(last=False)
+        return key
+
+    def run_started(self, model: str, prompt: str) -> str:
+        """Count a generation of this request as started; returns its fingerprint."""
+        key = self.run_entry(model, prompt)
+        run = self.runs[key]
+        run.started += 1
+        _stamp(run.started_at)
+        self._on_change()
+        return key
+
+    def run_ended(self, key: str, outcome: str) -> None:
+        """Count a generation as ``completed`` (its done line went out) or ``garbage``."""
+        run = self.runs.get(key)
+        if run is None:
+            return  # forgotten (reset or past RUNS_LIMIT) while it ran
+        if outcome == "completed":
+            run.completed += 1
+            _stamp(run.completed_at)
+        else:
+            run.garbage += 1
+            _stamp(run.garbage_at)
+        self._on_change()
+
+    def runs_snapshot(self) -> list[dict[str, Any]]:
+        return [run.as_dict(key) for key, run in self.runs.items()]
+
     def reset(self) -> None:
         self.total.zero()
         for counters in self.models.values():
             counters.zero()
         self.started.clear()
+        self.runs.clear()
         self._on_change()
 
     def snapshot(self) -> dict[str, Any]:
@@ -106,3 +181,8 @@ class Stats:
         if model is None:
             return [self.total]
         return [self.total, self.models.setdefault(model, Counters())]
+
+
+def _stamp(times: list[float]) -> None:
+    if len(times) < RUN_TIMES_LIMIT:
+        times.append(time.time())

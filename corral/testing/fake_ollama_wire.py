@@ -32,6 +32,10 @@ class NodeCrashedError(Exception):
     """We dropped the connection mid-answer on purpose (crash injection)."""
 
 
+class GarbageSentError(Exception):
+    """We spoiled the answer on purpose (garbage injection); nothing more is to be sent."""
+
+
 class ClientGoneError(Exception):
     """The client disconnected before the request body arrived."""
 
@@ -94,6 +98,23 @@ class Exchange:
     async def send_last_line(self, payload: Any) -> None:
         await self.start_stream()
         await self._body(orjson.dumps(payload, option=orjson.OPT_APPEND_NEWLINE), more=False)
+
+    # Spoiled answers: none of these counts as a completed answer.
+
+    async def send_bytes(self, status: int, content_type: bytes, body: bytes) -> None:
+        self.on_complete = None
+        await self._start(status, content_type, content_length=len(body))
+        await self._body(body, more=False)
+
+    async def send_raw_line(self, data: bytes) -> None:
+        await self.start_stream()
+        await self._body(data, more=True)
+
+    async def end_stream(self) -> None:
+        """End the body here, whatever was (not) sent: a stream cut short but well-formed."""
+        self.on_complete = None
+        await self.start_stream()
+        await self._body(b"", more=False)
 
     def abort(self) -> bool:
         """Drop the TCP connection without finishing the response, as a dying server does.
