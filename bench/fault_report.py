@@ -7,8 +7,10 @@ job is put in one of three buckets:
 * ``streamed`` (allowed): its client had its first chunk before the disruption that hit
   it (the first one that overlaps the time between the job's first start and its second).
 * ``worker_gone`` (allowed): the first completion went out on a node whose worker was
-  SIGSTOPped at that moment, or SIGSTOPped or SIGKILLed within ``GONE_S`` after it: no
-  worker could record it, and running the job again is the recovery, not a fault.
+  SIGSTOPped at that moment, or SIGSTOPped or SIGKILLed within ``GONE_S`` after it, or
+  SIGKILLed later but before the job started again while Redis was unavailable (stalled,
+  refusing writes or restarting) all along since the completion: no worker could record
+  it, and running the job again is the recovery, not a fault.
 * ``target``: every other one. The goal is none.
 
 A disruption hits a job when their times overlap (the disruption's effects counted for
@@ -127,7 +129,10 @@ def ran_twice(job: JobView, disruptions: list[Disruption]) -> tuple[str, str] | 
         if d.node != node:
             continue
         frozen = d.kind == "worker_stop" and d.start - GONE_S <= at <= d.end
-        killed = d.kind == "worker_kill" and abs(at - d.start) <= GONE_S
+        killed = d.kind == "worker_kill" and (
+            abs(at - d.start) <= GONE_S
+            or (at < d.start <= second and _redis_down_between(disruptions, at, d.start))
+        )
         if frozen or killed:
             return "worker_gone", f"completed on {where}; the first during {node}'s {d.kind}"
     causes = []
@@ -142,6 +147,16 @@ def ran_twice(job: JobView, disruptions: list[Disruption]) -> tuple[str, str] | 
     chunk = "-" if job.first_chunk_at is None else f"{job.first_chunk_at:.2f}s"
     why = f"completed on {where}; hit by {kinds} at t={hit_at:.2f}s; first chunk to client {chunk}"
     return ("streamed" if job.streamed_before(hit_at) else "target"), why
+
+
+REDIS_OUTAGES = ("redis_stall", "redis_oom", "redis_restart")
+
+
+def _redis_down_between(disruptions: list[Disruption], start: float, end: float) -> bool:
+    """Whether Redis was unavailable from ``start`` (within ``GONE_S``) until ``end``."""
+    return any(
+        d.kind in REDIS_OUTAGES and d.start <= start + GONE_S and d.end >= end for d in disruptions
+    )
 
 
 @dataclass

@@ -320,3 +320,29 @@ async def test_a_redis_stall_past_the_client_timeout_runs_and_answers_each_job_o
     assert stats.get(b"enqueued") == b"6" and stats.get(b"done") == b"6"
     assert b"requeued" not in stats and b"retried" not in stats
     assert await redis.get(keys.queued_count("llama3:latest")) == b"0"
+
+
+async def test_a_stream_pauses_while_redis_refuses_writes_and_then_completes(
+    start_cluster: StartCluster, refusing_writes: Callable[[bool], Awaitable[None]]
+) -> None:
+    cluster = await start_cluster([FakeOllamaConfig(token_rate=10)])
+    fake = cluster.nodes[0].fake.fake
+    async with ollama.AsyncClient(host=cluster.url, timeout=60) as client:
+        parts = await client.generate(
+            model="llama3", prompt="keep going", stream=True, options={"num_predict": 30}
+        )
+        text = ""
+        outage: asyncio.Task[None] | None = None
+        async for part in parts:
+            if outage is None:  # streaming has begun: refuse writes for 1.5 s
+                await refusing_writes(True)
+                await fake.wait_until(lambda s: s["active"] == 1)
+                outage = asyncio.create_task(_refuse_for(1.5, refusing_writes))
+            text += part.response
+    assert outage is not None and outage.done()
+    assert text == "".join(echo_tokens("keep going", 30)[0])
+
+
+async def _refuse_for(seconds: float, refusing_writes: Callable[[bool], Awaitable[None]]) -> None:
+    await asyncio.sleep(seconds)  # the length of the injected fault, not synchronisation
+    await refusing_writes(False)

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from corral import fleet, keys, loops, protocol
 from corral.connections import TRANSIENT_REDIS_ERRORS, server_time, text
-from corral.errors import BackendError
+from corral.errors import BackendError, RedisUnavailable
 from corral.jobs import ORPHANED, ClaimedJob, JobStore
 from corral.keys import JobState
 from corral.loops import LoopHealth
@@ -577,15 +577,24 @@ class Worker:
         return result, last if job.stream else result
 
     async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
-        """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss."""
+        """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss.
+
+        A Redis that refuses writes for a moment (``OOM`` at ``maxmemory``) or stalls pauses
+        the stream rather than failing it: the chunk is sent again until it goes through
+        (a copy sent twice is dropped by its sequence number)."""
         out = keys.output(job.job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if first:  # from now on a re-run would repeat output the client has seen
-                pipe.hset(keys.job(job.job_id), "streamed", 1)
-                pipe.expire(out, self.settings.job_ttl)
-            pipe.rpush(out, message)
-            pipe.publish(channel, message)
-            await pipe.execute()
+
+        async def send() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if first:  # from now on a re-run would repeat output the client has seen
+                    pipe.hset(keys.job(job.job_id), "streamed", 1)
+                    pipe.expire(out, self.settings.job_ttl)
+                pipe.rpush(out, message)
+                pipe.publish(channel, message)
+                await pipe.execute()
+
+        if not await self._persist(send, f"forwarding a chunk of job {job.job_id}"):
+            raise RedisUnavailable(f"node {self.node_id} could not forward the answer")
 
     async def _hand_back(self, job: ClaimedJob, sent: int, reason: str = "") -> None:
         """Give up a running job: requeue it, unless its client already has output."""
@@ -615,8 +624,9 @@ class Worker:
             f"settling job {job.job_id}",
         )
 
-    async def _persist(self, write: Callable[[], Awaitable[object]], what: str) -> None:
-        """Retry a job's bookkeeping write through a Redis outage (about half a minute).
+    async def _persist(self, write: Callable[[], Awaitable[object]], what: str) -> bool:
+        """Retry a job's Redis write through an outage (about half a minute); False if it
+        never went through.
 
         If Redis stays away longer, the job stays pending under this node, and the
         stranded-entry check hands it back once Redis answers again.
@@ -624,11 +634,12 @@ class Worker:
         for attempt in range(20):
             try:
                 await write()
-                return
+                return True
             except REDIS_WRITE_ERRORS as exc:
                 log.warning("%s failed (try %d): %s", what, attempt + 1, exc)
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))  # backoff between retries
         log.error("%s failed for good; it will be handed back later", what)
+        return False
 
     async def reclaim_stranded(self) -> int:
         """Hand back entries pending under this node id that no runner here holds.
