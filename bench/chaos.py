@@ -1349,7 +1349,7 @@ def _fault_details(run: Chaos) -> list[str]:
                                 if d.kind == "clock_skew")  # fmt: skip
     if skews:
         lines.append(
-            "clock_skew (CORRAL_CLOCK_OFFSET, ignored by a worker that does not know it): "
+            "clock_skew (CORRAL_CLOCK_OFFSET added to the worker's own clock): "
             + ", ".join(f"{node} {offset}s x{n} process(es)" for (node, offset), n in skews.items())
         )
     return lines
