@@ -158,12 +158,13 @@ COMMON = [
     # Long record TTLs so that every record is still there to audit at the end.
     "--job-ttl", "7200",
     "--result-ttl", "7200",
+    # Written into each job by the gateway; every path that puts a job back enforces it.
+    "--max-attempts", "3",
 ]  # fmt: skip
 WORKER = ["--heartbeat-interval", "0.5", "--drain-timeout", "2"]
 GATEWAY = ["--fleet-refresh", "0.5"]
 SCHEDULER = [
-    "--interval", "0.2", "--lease-ttl", "2",
-    "--max-attempts", "2", "--retry-base", "0.5", "--retry-cap", "2",
+    "--interval", "0.2", "--lease-ttl", "2", "--retry-base", "0.5", "--retry-cap", "2",
 ]  # fmt: skip
 
 
