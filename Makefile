@@ -30,10 +30,11 @@ venv: $(STAMP) ## create .venv and install corral with its dev extras (idempoten
 test: venv ## run the test suite (extra pytest flags: PYTEST_ARGS='-k stream -x')
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: venv ## ruff check, ruff format --check, mypy --strict
+lint: venv ## ruff check, ruff format --check, mypy --strict, import-linter's layer contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: venv ## apply ruff format and ruff's automatic fixes
 	$(BIN)/ruff format .

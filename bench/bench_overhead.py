@@ -118,7 +118,7 @@ async def worker_client_diagnostic(fake_url: str, calls: int) -> dict[str, Any]:
     line) and read to the end of the body: wall time, this process's CPU and new TCP
     connections per call.
     """
-    from worker.ollama import OllamaClient
+    from corral.worker.ollama import OllamaClient
 
     client = OllamaClient(fake_url, connect_timeout=5, read_timeout=30, slots=4)
     body = orjson.dumps(
@@ -153,7 +153,7 @@ async def count_connects(fake_url: str, calls: int, stop_at_done: bool) -> float
     Needs the plain asyncio loop: it wraps the loop's ``create_connection``, which the
     client's transport (anyio) calls for every new connection.
     """
-    from worker.ollama import OllamaClient
+    from corral.worker.ollama import OllamaClient
 
     loop = asyncio.get_running_loop()
     original = loop.create_connection

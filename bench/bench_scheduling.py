@@ -30,7 +30,7 @@ import report
 from fleetctl import FakeSpec, Fleet, Node, raise_nofile
 from httpload import Connection, HttpError, fmt_ms, get_json, percentile, run_uvloop
 
-from corral.redis_proc import free_port
+from corral.tooling.redis_proc import free_port
 
 MODELS = ["alpha:7b", "beta:7b", "gamma:7b"]
 POPULARITY = [0.55, 0.30, 0.15]

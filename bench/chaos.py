@@ -84,7 +84,7 @@ from faults import (
 from redis.asyncio import Redis
 
 from corral import keys
-from corral.redis_proc import RedisProcess, free_port
+from corral.tooling.redis_proc import RedisProcess, free_port
 
 MODEL = "chaos:latest"
 FINAL = {s.value for s in keys.FINAL_STATES}

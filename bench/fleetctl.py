@@ -1,6 +1,6 @@
 """Start a Corral fleet as separate processes, as in production, and tear it down.
 
-Redis (``corral.redis_proc.RedisProcess``, never the one on 6379), fake Ollama nodes,
+Redis (``corral.tooling.redis_proc.RedisProcess``, never the one on 6379), fake Ollama nodes,
 one worker per node, a gateway and a scheduler each run as their own ``corral ...``
 subprocess in their own session. Readiness is polled with a deadline: a fake answers
 ``/api/version``, a worker's heartbeat is in Redis, the gateway's ``/healthz`` answers
@@ -30,7 +30,7 @@ import psutil
 import redis as redis_sync
 
 from corral import keys
-from corral.redis_proc import RedisProcess, free_port
+from corral.tooling.redis_proc import RedisProcess, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"

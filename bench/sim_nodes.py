@@ -19,7 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from corral.fleet import publish_heartbeat, remove_node
-from corral.testing.fake_ollama_models import describe, now_rfc3339
+from corral.tooling.fake_ollama_models import describe, now_rfc3339
 
 CATALOGUE = [f"sim-model-{i}:{size}b" for i in range(10) for size in (7, 13)]
 MODELS_PER_NODE = 4

@@ -12,15 +12,15 @@ import sys
 from corral import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "gateway": ("gateway.main", "serve the Ollama/OpenAI-compatible HTTP endpoint"),
-    "worker": ("worker.main", "run the daemon for one Ollama node"),
-    "scheduler": ("scheduler.main", "run maintenance: reclaim, retries, dead letters"),
+    "gateway": ("corral.gateway.main", "serve the Ollama/OpenAI-compatible HTTP endpoint"),
+    "worker": ("corral.worker.main", "run the daemon for one Ollama node"),
+    "scheduler": ("corral.scheduler.main", "run maintenance: reclaim, retries, dead letters"),
     "status": ("corral.status", "show queues, nodes and counters"),
-    "submit": ("corral.submit", "send one request through the gateway"),
-    "dlq": ("scheduler.dlq", "list, retry or purge dead-lettered jobs"),
-    "fake-ollama": ("corral.testing.fake_ollama", "run a simulated Ollama node"),
-    "demo": ("corral.demo", "start a local fleet and send it real requests"),
-    "bench": ("corral.benchmarks", "run the benchmarks in bench/"),
+    "submit": ("corral.tooling.send", "send one request through the gateway"),
+    "dlq": ("corral.scheduler.dlq", "list, retry or purge dead-lettered jobs"),
+    "fake-ollama": ("corral.tooling.fake_ollama", "run a simulated Ollama node"),
+    "demo": ("corral.tooling.demo", "start a local fleet and send it real requests"),
+    "bench": ("corral.tooling.benchmarks", "run the benchmarks in bench/"),
 }
 
 

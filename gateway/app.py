@@ -15,16 +15,16 @@ from starlette.responses import Response
 
 from corral import connections, loops
 from corral.errors import QueueFull, RequestError
+from corral.gateway.dialect import openai_error
+from corral.gateway.fleetview import FleetView
+from corral.gateway.replies import ReplyRouter
+from corral.gateway.routes import jobs, ollama, openai, status
+from corral.gateway.routing import ErrorHandler, FrontDoor
+from corral.gateway.state import GatewayState
 from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from corral.tasks import cancel_and_wait
-from gateway.dialect import openai_error
-from gateway.fleetview import FleetView
-from gateway.replies import ReplyRouter
-from gateway.routes import jobs, ollama, openai, status
-from gateway.routing import ErrorHandler, FrontDoor
-from gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from corral import logs
+from corral.gateway.app import create_app
 from corral.netutil import listen_socket
 from corral.settings import GatewaySettings
-from gateway.app import create_app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "gateway_id":
             os.environ[f"CORRAL_{name.upper()}"] = str(value)
     config = uvicorn.Config(
-        "gateway.main:app_from_env", factory=True, workers=settings.workers, **options
+        "corral.gateway.main:app_from_env", factory=True, workers=settings.workers, **options
     )
     Multiprocess(config, sockets=[sock]).run()
     return 0

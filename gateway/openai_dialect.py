@@ -1,6 +1,6 @@
 """OpenAI's wire format on Corral's one job path.
 
-The OpenAI routes (``gateway.routes.openai``) translate a request into the Ollama request
+The OpenAI routes (``corral.gateway.routes.openai``) translate a request into the Ollama request
 a worker runs; the dialects here turn that job's Ollama replies into OpenAI objects, as
 Ollama's own compatibility layer does: ``chat.completion`` and ``text_completion``
 answers, server-sent ``chat.completion.chunk`` events ending in ``data: [DONE]``,
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from corral.errors import BadRequest
-from gateway.dialect import openai_error
+from corral.gateway.dialect import openai_error
 
 FINGERPRINT = "fp_ollama"
 DONE_FRAME = b"data: [DONE]\n\n"

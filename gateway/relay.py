@@ -16,10 +16,10 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from corral import protocol
+from corral.gateway.dialect import Dialect
+from corral.gateway.replies import DISCONNECTED, Inbox, ReplyRouter
 from corral.jobs import JobSpec, JobStore
 from corral.protocol import Reply
-from gateway.dialect import Dialect
-from gateway.replies import DISCONNECTED, Inbox, ReplyRouter
 
 log = logging.getLogger(__name__)
 

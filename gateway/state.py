@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from corral.gateway.fleetview import FleetView
+from corral.gateway.replies import ReplyRouter
 from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
-from gateway.fleetview import FleetView
-from gateway.replies import ReplyRouter
 
 
 @dataclass(slots=True)

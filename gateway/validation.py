@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.errors import BadRequest
+from corral.gateway.inputs import expect
 from corral.keys import JobKind
-from gateway.inputs import expect
 
 _STR = (str,)
 _BOOL = (bool,)

@@ -11,9 +11,9 @@ import sys
 from redis import Redis as SyncRedis
 
 from corral import connections, logs, signals
+from corral.scheduler.daemon import Scheduler
 from corral.settings import SchedulerSettings
 from corral.tasks import cancel_and_wait
-from scheduler.daemon import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,13 @@ async def supervise_rq_worker(
 
 def start_rq_worker(settings: SchedulerSettings) -> subprocess.Popen[bytes]:
     """The RQ worker that runs retry jobs, as a child (RQ wants the main thread's signals)."""
-    command = [sys.executable, "-m", "scheduler.rq_worker", "--redis-url", settings.redis_url]
+    command = [
+        sys.executable,
+        "-m",
+        "corral.scheduler.rq_worker",
+        "--redis-url",
+        settings.redis_url,
+    ]
     return subprocess.Popen([*command, "--log-level", settings.log_level])
 
 

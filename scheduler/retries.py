@@ -2,7 +2,7 @@
 
 Workers put the ids of jobs whose attempt failed retriably in the retry inbox; the active
 scheduler moves each to a processing list (so a crash here loses none), schedules an RQ
-job that will run ``scheduler.retry_job.revive`` after the backoff, notes it as scheduled
+job that will run ``corral.scheduler.retry_job.revive`` after the backoff, notes it as scheduled
 and drops it from the processing list. A scheduled retry still waiting long after it was
 due has lost its RQ job (deleted by hand, or its RQ run crashed): it is scheduled again.
 """
@@ -168,7 +168,7 @@ class RetryScheduler:
             self.queue.enqueue_at,
             # Due on Redis's clock, which is also what releases it (see _release_due).
             datetime.fromtimestamp(due, UTC),
-            "scheduler.retry_job.revive",
+            "corral.scheduler.retry_job.revive",
             job_id,
             max_attempts,
             self.job_ttl,

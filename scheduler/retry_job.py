@@ -1,6 +1,6 @@
 """The function RQ runs for a retry: put the job back in its stream, or dead-letter it.
 
-It runs in an RQ worker (``scheduler.rq_worker``), synchronously, on the connection RQ
+It runs in an RQ worker (``corral.scheduler.rq_worker``), synchronously, on the connection RQ
 gives it. Three cases, decided from the job record:
 
 * ``retrying`` with attempts left and its deadline not passed: back into its priority

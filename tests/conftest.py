@@ -14,7 +14,7 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from corral.redis_proc import RedisProcess, find_redis_server
+from corral.tooling.redis_proc import RedisProcess, find_redis_server
 
 _NO_REDIS_SERVER = """\
 redis-server was not found on PATH, in /usr/sbin or in /usr/local/bin.
@@ -65,8 +65,8 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 # --- system fixtures (gateway, workers, fake Ollama) ---
 
 # Imported here, not at the top, so a broken fleet import fails only the system tests.
-from corral.testing.cluster import LocalCluster  # noqa: E402
-from corral.testing.fake_ollama import FakeOllamaConfig  # noqa: E402
+from corral.tooling.cluster import LocalCluster  # noqa: E402
+from corral.tooling.fake_ollama import FakeOllamaConfig  # noqa: E402
 
 
 @pytest.fixture

@@ -25,12 +25,12 @@ from rq import Queue
 from rq.registry import FailedJobRegistry
 
 from corral import keys
-from corral.redis_proc import RedisProcess, find_redis_server
+from corral.scheduler import dlq
+from corral.scheduler.retries import rq_job_id
 from corral.snapshot import dead_letter_key
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
-from scheduler import dlq
-from scheduler.retries import rq_job_id
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
+from corral.tooling.redis_proc import RedisProcess, find_redis_server
 from tests.helpers import until
 
 ACL_FILE = Path(__file__).resolve().parents[1] / "deploy" / "users.acl"

@@ -14,10 +14,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from corral import fleet, status, submit
+from corral import fleet, status
 from corral.jobs import JobSpec, JobStore
 from corral.keys import JobKind
-from corral.testing.cluster import LocalCluster
+from corral.tooling import send
+from corral.tooling.cluster import LocalCluster
 
 DEMO_TIMEOUT = 90.0
 
@@ -96,7 +97,7 @@ def test_status_reports_an_unreachable_redis(capsys: pytest.CaptureFixture[str])
 
 async def run_submit(*argv: str) -> int:
     # submit is synchronous; the fleet it talks to runs on this event loop.
-    return await asyncio.to_thread(submit.main, list(argv))
+    return await asyncio.to_thread(send.main, list(argv))
 
 
 async def test_submit_streams_the_answer(

@@ -16,7 +16,7 @@ import httpx
 import ollama
 import pytest
 
-from corral.testing.fake_ollama import (
+from corral.tooling.fake_ollama import (
     FakeOllama,
     FakeOllamaConfig,
     FakeOllamaServer,
@@ -24,7 +24,7 @@ from corral.testing.fake_ollama import (
     _parser,
     start_fake_ollama,
 )
-from corral.testing.fake_ollama_stats import fingerprint
+from corral.tooling.fake_ollama_stats import fingerprint
 
 RFC3339_NS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
@@ -764,7 +764,7 @@ async def test_cli_serves_until_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "corral.testing.fake_ollama",
+        "corral.tooling.fake_ollama",
         "--port",
         "0",
         "--models",

@@ -17,10 +17,10 @@ from redis.asyncio import Redis
 
 from corral import fleet, keys, loops
 from corral.jobs import JobStore
-from corral.redis_proc import RedisProcess
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
-from corral.testing.fake_ollama_text import echo_tokens
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
+from corral.tooling.fake_ollama_text import echo_tokens
+from corral.tooling.redis_proc import RedisProcess
 from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]

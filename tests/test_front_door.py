@@ -9,8 +9,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from corral.errors import BadRequest, RequestError
-from gateway.app import _internal_error, _request_error
-from gateway.routing import FrontDoor
+from corral.gateway.app import _internal_error, _request_error
+from corral.gateway.routing import FrontDoor
 
 
 async def ok(request: Request) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from corral import keys
-from scheduler.housekeeping import trim_acknowledged
+from corral.scheduler.housekeeping import trim_acknowledged
 
 MODEL = "llama3:latest"
 STREAM = keys.stream(MODEL, keys.DEFAULT_PRIORITY)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import ollama
 import pytest
 
-from corral.testing.cluster import LocalCluster
+from corral.tooling.cluster import LocalCluster
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The worker's Ollama client (``worker.ollama``) against raw asyncio TCP servers.
+"""The worker's Ollama client (``corral.worker.ollama``) against raw asyncio TCP servers.
 
 The servers are scripted byte by byte (no HTTP framework), so each test controls exactly
 what reaches the wire and when a connection closes.
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from corral.errors import BackendError
-from worker.ollama import OllamaClient
+from corral.worker.ollama import OllamaClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

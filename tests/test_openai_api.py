@@ -17,8 +17,8 @@ import pytest
 from redis.asyncio import Redis
 
 from corral import keys
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from corral.redis_proc import (
+from corral.tooling.redis_proc import (
     EmbeddedRedis,
     RedisProcess,
     RedisStartError,

@@ -23,10 +23,10 @@ from rq.registry import FailedJobRegistry
 
 from corral import fleet, keys
 from corral.jobs import JobStore
-from corral.redis_proc import free_port
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
-from scheduler.retries import Backoff
+from corral.scheduler.retries import Backoff
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
+from corral.tooling.redis_proc import free_port
 from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
@@ -413,7 +413,7 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
 
     from corral.jobs import JobSpec
     from corral.keys import JobKind
-    from scheduler.retries import LOST_AFTER, PROCESSING, RetryScheduler, rq_job_id
+    from corral.scheduler.retries import LOST_AFTER, PROCESSING, RetryScheduler, rq_job_id
 
     store = JobStore(redis, job_ttl=60, result_ttl=60)
     spec = JobSpec(

@@ -12,8 +12,8 @@ import ollama
 from redis.asyncio import Redis
 
 from corral import keys
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
 from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]

@@ -11,8 +11,8 @@ import ollama
 
 from corral import exposition, keys
 from corral.snapshot import NodeStatus, QueueStatus, RetryStatus, Snapshot, StreamStatus
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
 from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]

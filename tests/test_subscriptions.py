@@ -20,8 +20,8 @@ from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.subscription import DEAD_AFTER, PING_INTERVAL, Subscription
 from corral.tasks import cancel_and_wait
-from corral.testing.cluster import LocalCluster
-from corral.testing.fake_ollama import FakeOllamaConfig
+from corral.tooling.cluster import LocalCluster
+from corral.tooling.fake_ollama import FakeOllamaConfig
 from tests.helpers import until
 from tests.tcp_proxy import TcpProxy
 

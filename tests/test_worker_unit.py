@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from corral.keys import JobKind
-from worker.aggregate import Aggregator
-from worker.metrics import HostMetrics
+from corral.worker.aggregate import Aggregator
+from corral.worker.metrics import HostMetrics
 
 
 def test_generate_chunks_fold_into_one_answer() -> None:

@@ -32,9 +32,9 @@ from corral.settings import WorkerSettings
 from corral.streams import existing_streams
 from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
-from worker.aggregate import Aggregator
-from worker.metrics import HostMetrics, host_addresses
-from worker.ollama import OllamaClient
+from corral.worker.aggregate import Aggregator
+from corral.worker.metrics import HostMetrics, host_addresses
+from corral.worker.ollama import OllamaClient
 
 log = logging.getLogger(__name__)
 

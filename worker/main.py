@@ -7,9 +7,9 @@ import contextlib
 
 from corral import connections, logs, signals
 from corral.settings import WorkerSettings
-from worker.daemon import Worker
-from worker.metrics import HostMetrics
-from worker.ollama import OllamaClient
+from corral.worker.daemon import Worker
+from corral.worker.metrics import HostMetrics
+from corral.worker.ollama import OllamaClient
 
 
 def build_parser() -> argparse.ArgumentParser:

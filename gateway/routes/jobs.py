@@ -13,11 +13,11 @@ from starlette.routing import Route
 from corral import keys
 from corral.connections import text
 from corral.errors import BadRequest, NotFound, RequestError
+from corral.gateway import inputs
+from corral.gateway.admission import Incoming, make_spec, read_request, relay
+from corral.gateway.routes.ollama import json_response
+from corral.gateway.state import state_of
 from corral.keys import FINAL_STATES, JobKind, JobState
-from gateway import inputs
-from gateway.routes.ollama import json_response
-from gateway.state import state_of
-from gateway.submit import Incoming, make_spec, read_request, relay
 
 
 class JobDialect:

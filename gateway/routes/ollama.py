@@ -11,12 +11,12 @@ from starlette.routing import Route
 
 from corral import __version__, keys
 from corral.errors import BadRequest, Forbidden, ModelNotFound
+from corral.gateway import inputs
+from corral.gateway.admission import make_spec, read_request, relay
+from corral.gateway.dialect import OLLAMA
+from corral.gateway.state import state_of
 from corral.keys import JobKind
 from corral.names import normalize_model
-from gateway import inputs
-from gateway.dialect import OLLAMA
-from gateway.state import state_of
-from gateway.submit import make_spec, read_request, relay
 
 JSON = "application/json; charset=utf-8"
 

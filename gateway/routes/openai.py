@@ -3,7 +3,7 @@
 Each request is checked and translated into the Ollama request of a ``chat``,
 ``generate`` or ``embed`` job, as Ollama's compatibility layer translates it, and goes
 down the same job path as the Ollama routes; only the dialect that writes the answer
-differs (``gateway.openai_dialect``). Errors are answered in OpenAI's shape.
+differs (``corral.gateway.openai_dialect``). Errors are answered in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from corral.errors import BadRequest, ModelNotFound
-from corral.keys import JobKind
-from corral.names import normalize_model
-from gateway import inputs
-from gateway.dialect import Dialect
-from gateway.openai_dialect import (
+from corral.gateway import inputs
+from corral.gateway.admission import Incoming, make_spec, read_request, relay
+from corral.gateway.dialect import Dialect
+from corral.gateway.openai_dialect import (
     ChatDialect,
     CompletionDialect,
     EmbeddingDialect,
@@ -34,8 +33,9 @@ from gateway.openai_dialect import (
     ollama_tool_calls,
     tool_name_for,
 )
-from gateway.state import state_of
-from gateway.submit import Incoming, make_spec, read_request, relay
+from corral.gateway.state import state_of
+from corral.keys import JobKind
+from corral.names import normalize_model
 
 JSON = "application/json; charset=utf-8"
 _IMAGE_URL = re.compile(r"data:(?:image/(?:jpeg|jpg|png|webp))?;base64,(.*)", re.DOTALL)

@@ -12,9 +12,9 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from corral import exposition
+from corral.gateway import inputs, status_page
+from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
-from gateway import inputs, status_page
-from gateway.state import GatewayState, state_of
 
 
 async def _snapshot(state: GatewayState) -> Snapshot:

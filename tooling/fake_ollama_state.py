@@ -10,21 +10,21 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
-from corral.testing.fake_ollama_config import (
+from corral.tooling.fake_ollama_config import (
     GARBAGE_KINDS,
     MIXED,
     FakeOllamaConfig,
     validate_changes,
 )
-from corral.testing.fake_ollama_models import (
+from corral.tooling.fake_ollama_models import (
     ModelMeta,
     describe,
     normalize_name,
     now_rfc3339,
 )
-from corral.testing.fake_ollama_scheduler import Lease, QueueFullError, Scheduler
-from corral.testing.fake_ollama_stats import Stats
-from corral.testing.fake_ollama_wire import ApiError, Exchange
+from corral.tooling.fake_ollama_scheduler import Lease, QueueFullError, Scheduler
+from corral.tooling.fake_ollama_stats import Stats
+from corral.tooling.fake_ollama_wire import ApiError, Exchange
 
 QUEUE_FULL_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 INJECTED_FAILURE_MESSAGE = "llama runner process has terminated: injected failure"

@@ -30,9 +30,9 @@ from types import TracebackType
 import uvicorn
 from starlette.applications import Starlette
 
-from corral.testing.fake_ollama_app import create_app
-from corral.testing.fake_ollama_config import FakeOllamaConfig, validate_changes
-from corral.testing.fake_ollama_state import FakeOllama
+from corral.tooling.fake_ollama_app import create_app
+from corral.tooling.fake_ollama_config import FakeOllamaConfig, validate_changes
+from corral.tooling.fake_ollama_state import FakeOllama
 
 __all__ = [
     "FakeOllama",

@@ -16,7 +16,7 @@ import uvicorn
 from corral import connections
 from corral.netutil import listen_socket
 from corral.settings import GatewaySettings, SchedulerSettings, WorkerSettings
-from corral.testing.fake_ollama import FakeOllamaConfig, FakeOllamaServer, start_fake_ollama
+from corral.tooling.fake_ollama import FakeOllamaConfig, FakeOllamaServer, start_fake_ollama
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LocalNode:
         else:
             self.task.cancel()
         await asyncio.wait([self.task])
-        from worker.main import close
+        from corral.worker.main import close
 
         await close(self.worker)
         await self.fake.stop()
@@ -41,7 +41,7 @@ class LocalNode:
 
 class LocalGateway:
     def __init__(self, settings: GatewaySettings) -> None:
-        from gateway.app import create_app
+        from corral.gateway.app import create_app
 
         self.settings = settings
         self.app = create_app(settings)
@@ -79,7 +79,7 @@ class LocalScheduler:
     def __init__(self, redis_url: str, /, **overrides: Any) -> None:
         from redis import Redis as SyncRedis
 
-        from scheduler.daemon import Scheduler
+        from corral.scheduler.daemon import Scheduler
 
         options = {"interval": 0.1, "retry_base": 0.2, "retry_cap": 1.0, **overrides}
         self.settings = SchedulerSettings(**{"redis_url": redis_url, **options})
@@ -89,12 +89,12 @@ class LocalScheduler:
         self.task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self.child: Any = None
         if self.settings.rq_worker:
-            from scheduler.main import start_rq_worker
+            from corral.scheduler.main import start_rq_worker
 
             self.child = start_rq_worker(self.settings)
 
     async def stop(self) -> None:
-        from scheduler.main import stop_child
+        from corral.scheduler.main import stop_child
 
         self.scheduler.request_stop()
         await asyncio.wait([self.task])
@@ -155,7 +155,7 @@ class LocalCluster:
     async def add_node(
         self, config: FakeOllamaConfig, *, slots: int | None = None, **overrides: Any
     ) -> LocalNode:
-        from worker.main import build
+        from corral.worker.main import build
 
         fake = await start_fake_ollama(config)
         node_id = overrides.pop("node_id", f"node{len(self.nodes) + 1}")

@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from corral.testing.fake_ollama_models import ModelMeta, parse_keep_alive
-from corral.testing.fake_ollama_state import FakeOllama
-from corral.testing.fake_ollama_wire import ApiError
+from corral.tooling.fake_ollama_models import ModelMeta, parse_keep_alive
+from corral.tooling.fake_ollama_state import FakeOllama
+from corral.tooling.fake_ollama_wire import ApiError
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from corral.testing import fake_ollama_requests as req
-from corral.testing.fake_ollama_config import FakeOllamaConfig
-from corral.testing.fake_ollama_garbage import answer_bad_gateway, spoil
-from corral.testing.fake_ollama_models import now_rfc3339
-from corral.testing.fake_ollama_state import FakeOllama
-from corral.testing.fake_ollama_text import (
+from corral.tooling import fake_ollama_requests as req
+from corral.tooling.fake_ollama_config import FakeOllamaConfig
+from corral.tooling.fake_ollama_garbage import answer_bad_gateway, spoil
+from corral.tooling.fake_ollama_models import now_rfc3339
+from corral.tooling.fake_ollama_state import FakeOllama
+from corral.tooling.fake_ollama_text import (
     ReplyPlan,
     context_ids,
     echo_tokens,
@@ -23,7 +23,7 @@ from corral.testing.fake_ollama_text import (
     tool_call,
     word_count,
 )
-from corral.testing.fake_ollama_wire import ApiError, Exchange, NodeCrashedError
+from corral.tooling.fake_ollama_wire import ApiError, Exchange, NodeCrashedError
 
 # Nominal prompt processing cost reported per prompt token; prompts are not simulated.
 _PROMPT_EVAL_NS_PER_TOKEN = 100_000

@@ -14,8 +14,8 @@ from typing import Any, NoReturn
 
 import orjson
 
-from corral.testing.fake_ollama_state import FakeOllama
-from corral.testing.fake_ollama_wire import JSON_TYPE, Exchange, GarbageSentError
+from corral.tooling.fake_ollama_state import FakeOllama
+from corral.tooling.fake_ollama_wire import JSON_TYPE, Exchange, GarbageSentError
 
 HTML_TYPE = b"text/html"
 BAD_GATEWAY_PAGE = (

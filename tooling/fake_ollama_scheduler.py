@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from corral.testing.fake_ollama_config import FakeOllamaConfig
-from corral.testing.fake_ollama_stats import Stats
+from corral.tooling.fake_ollama_config import FakeOllamaConfig
+from corral.tooling.fake_ollama_stats import Stats
 
 
 class QueueFullError(Exception):

@@ -33,7 +33,7 @@ import ollama
 from ollama import ProcessResponse
 
 from corral.keys import FINAL_STATES, JobState
-from corral.redis_proc import EmbeddedRedis, RedisProcess, free_port, start_best_redis
+from corral.tooling.redis_proc import EmbeddedRedis, RedisProcess, free_port, start_best_redis
 
 HOST = "127.0.0.1"
 LOAD_DELAY = 0.3

@@ -14,17 +14,17 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from corral.testing import fake_ollama_requests as req
-from corral.testing.fake_ollama_config import FakeOllamaConfig
-from corral.testing.fake_ollama_generation import (
+from corral.tooling import fake_ollama_requests as req
+from corral.tooling.fake_ollama_config import FakeOllamaConfig
+from corral.tooling.fake_ollama_generation import (
     handle_chat,
     handle_embed,
     handle_embeddings,
     handle_generate,
 )
-from corral.testing.fake_ollama_models import OLLAMA_VERSION
-from corral.testing.fake_ollama_state import FakeOllama
-from corral.testing.fake_ollama_wire import (
+from corral.tooling.fake_ollama_models import OLLAMA_VERSION
+from corral.tooling.fake_ollama_state import FakeOllama
+from corral.tooling.fake_ollama_wire import (
     JSON_TYPE,
     NDJSON_TYPE,
     ApiError,

@@ -13,13 +13,13 @@ import orjson
 from starlette.requests import Request
 
 from corral.errors import ModelNotFound
+from corral.gateway import inputs
+from corral.gateway.dialect import Dialect
+from corral.gateway.relay import JobResponse
+from corral.gateway.state import GatewayState, state_of
+from corral.gateway.validation import CHECKS
 from corral.jobs import JobSpec
 from corral.keys import JobKind
-from gateway import inputs
-from gateway.dialect import Dialect
-from gateway.relay import JobResponse
-from gateway.state import GatewayState, state_of
-from gateway.validation import CHECKS
 
 
 @dataclass(slots=True)
