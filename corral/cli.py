@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from corral import __version__
+from corral.errors import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("corral.gateway.main", "serve the Ollama/OpenAI-compatible HTTP endpoint"),
@@ -32,19 +33,39 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = command_first(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if args[0] in ("-V", "--version"):
         print(__version__)
         return 0
-    entry = COMMANDS.get(args[0])
-    if entry is None:
+    if args[0] not in COMMANDS:
         print(f"corral: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(entry[0])
-    result: int = module.main(args[1:])
+    return run_command(args[0], args[1:])
+
+
+def command_first(args: list[str]) -> list[str]:
+    """``corral --redis-url URL status`` as ``corral status --redis-url URL``: flags may
+    stand on either side of the command's name."""
+    if not args or not args[0].startswith("-") or args[0] in ("-h", "--help", "-V", "--version"):
+        return args
+    for index, word in enumerate(args):
+        if word in COMMANDS:
+            return [word, *args[:index], *args[index + 1 :]]
+    return args
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run one subcommand; bad settings are reported one line each, exit status 2."""
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        result: int = module.main(argv)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"corral {name}: {problem}", file=sys.stderr)
+        return 2
     return result
 
 

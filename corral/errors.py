@@ -15,7 +15,13 @@ class CorralError(Exception):
 
 
 class ConfigError(CorralError):
-    """A setting is missing or invalid; raised at start-up, before any work is taken."""
+    """Settings are missing or invalid; raised at start-up, before any work is taken.
+
+    ``problems`` holds one line per bad setting, ready to print."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class RedisUnavailable(CorralError):

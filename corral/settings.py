@@ -13,7 +13,7 @@ import socket
 import uuid
 from typing import Any, Self
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.errors import ConfigError
@@ -70,10 +70,32 @@ class CommonSettings(BaseSettings):
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Self:
         given = {k: v for k, v in vars(ns).items() if k in cls.model_fields and v is not None}
+        return cls.build(**given)
+
+    @classmethod
+    def build(cls, **given: Any) -> Self:
+        """The settings from ``given`` (flags), the environment and the defaults; a
+        ``ConfigError`` with one line per bad setting otherwise."""
         try:
             return cls(**given)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        except ValidationError as exc:
+            raise ConfigError(*(_problem(error) for error in exc.errors())) from None
+
+
+SECRET_FIELDS = frozenset({"api_keys", "redis_url"})
+"""Settings whose values are never printed (keys, and URLs that may hold a password)."""
+
+
+def _problem(error: Any) -> str:
+    """One line for one invalid setting: its variable, its flag, what is wrong, what it got."""
+    loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
+    name = loc[0] if loc else ""
+    where = f"CORRAL_{name.upper()} (--{name.replace('_', '-')})" if name else "settings"
+    message = str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
+    if name in SECRET_FIELDS or "input" not in error:
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {error['input']!r})"
 
 
 def _flag_type(annotation: Any) -> Any:

@@ -105,12 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        # The environment supplies the node TTL (and the URL when no flag gives one).
-        settings = CommonSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
-    except ValueError as exc:
-        print(f"corral status: invalid setting: {exc}", file=sys.stderr)
-        return 2
+    # The environment supplies the node TTL (and the URL when no flag gives one).
+    settings = CommonSettings.build(**({"redis_url": args.redis_url} if args.redis_url else {}))
     try:
         snapshot = asyncio.run(_read(settings))
     except RedisError as exc:

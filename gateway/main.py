@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from corral import logs
+from corral.cli import run_command
 from corral.gateway.app import create_app
 from corral.netutil import listen_socket
 from corral.settings import GatewaySettings
@@ -58,4 +60,4 @@ def app_from_env() -> object:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command("gateway", sys.argv[1:]))

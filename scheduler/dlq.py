@@ -25,12 +25,17 @@ from corral.settings import CommonSettings
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral dlq", description=__doc__)
+    # Accepted before the action and after it (``corral dlq list --redis-url URL``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-url", default=argparse.SUPPRESS, help="default: CORRAL_REDIS_URL")
     parser.add_argument("--redis-url", default=None, help="default: CORRAL_REDIS_URL")
     sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser("list", help="show dead-lettered jobs and why they died")
+    listing = sub.add_parser(
+        "list", parents=[common], help="show dead-lettered jobs and why they died"
+    )
     listing.add_argument("--json", action="store_true")
     for name, text in (("retry", "send jobs back into the fleet"), ("purge", "forget jobs")):
-        action = sub.add_parser(name, help=text)
+        action = sub.add_parser(name, parents=[common], help=text)
         action.add_argument("ids", nargs="*", help="Corral job ids or RQ job ids")
         action.add_argument("--all", action="store_true", help="every dead-lettered job")
     return parser
@@ -38,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    url = args.redis_url or CommonSettings().redis_url
+    url = CommonSettings.build(
+        **({"redis_url": args.redis_url} if args.redis_url else {})
+    ).redis_url
     connection = Redis.from_url(url)
     registry = FailedJobRegistry(queue=Queue(keys.RETRY_QUEUE, connection=connection))
     try:

@@ -11,6 +11,7 @@ import sys
 from redis import Redis as SyncRedis
 
 from corral import connections, logs, signals
+from corral.cli import run_command
 from corral.scheduler.daemon import Scheduler
 from corral.settings import SchedulerSettings
 from corral.tasks import cancel_and_wait
@@ -87,4 +88,4 @@ async def stop_child(child: subprocess.Popen[bytes], grace: float = 10.0) -> Non
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command("scheduler", sys.argv[1:]))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
 from corral import connections, logs, signals
+from corral.cli import run_command
 from corral.settings import WorkerSettings
 from corral.worker.daemon import Worker
 from corral.worker.metrics import HostMetrics
@@ -63,4 +65,4 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command("worker", sys.argv[1:]))
