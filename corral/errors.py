@@ -72,14 +72,6 @@ class QueueFull(RequestError):
     status = 503
 
 
-class NotImplementedByCorral(RequestError):
-    status = 501
-
-
-class JobError(RequestError):
-    """A job ended without a result: the backend's error, a cancellation or an expiry."""
-
-
 class BackendError(CorralError):
     """An Ollama call failed. ``retriable`` says whether another node or attempt may succeed."""
 
