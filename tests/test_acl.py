@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
+from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.retry import Retry
@@ -130,7 +131,13 @@ async def test_each_role_runs_the_whole_flow_as_its_own_user(acl: AclRedis) -> N
             # The gateway reads the dead-letter count (an RQ key) for both pages.
             metrics = await http.get("/metrics")
             assert metrics.status_code == 200, metrics.text
-            assert "\ncorral_dead_letter_jobs 1\n" in metrics.text
+            (dead,) = [
+                sample.value
+                for family in text_string_to_metric_families(metrics.text)
+                for sample in family.samples
+                if sample.name == "corral_dead_letter_jobs"
+            ]
+            assert dead == 1
             status = await http.get("/status")
             assert status.status_code == 200, status.text
 

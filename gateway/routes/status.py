@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from corral import exposition
 from corral.gateway import inputs, status_page
+from corral.gateway import metrics as fleet_metrics
 from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
 
@@ -30,10 +30,12 @@ async def _snapshot(state: GatewayState) -> Snapshot:
 async def metrics(request: Request) -> Response:
     state = state_of(request)
     inputs.api_key_priority(request, state.settings)
-    body = exposition.render(
-        await _snapshot(state), gateway_id=state.gateway_id, waiting=len(state.router.waiters)
+    snapshot = await _snapshot(state)
+    # Rendering is synchronous and cheap: the Redis reads are all in the snapshot.
+    body = fleet_metrics.render(
+        snapshot, gateway_id=state.gateway_id, waiting=len(state.router.waiters)
     )
-    return Response(body, media_type=exposition.CONTENT_TYPE)
+    return Response(body, media_type=fleet_metrics.CONTENT_TYPE)
 
 
 async def status(request: Request) -> Response:
