@@ -17,7 +17,6 @@ from corral.gateway import inputs
 from corral.gateway.dialect import Dialect
 from corral.gateway.relay import JobResponse
 from corral.gateway.state import GatewayState, state_of
-from corral.gateway.validation import CHECKS
 from corral.jobs import JobSpec
 from corral.keys import JobKind
 
@@ -50,11 +49,13 @@ async def make_spec(
     time_limit: float | None = None,
     run_limit: float | None = None,
 ) -> JobSpec:
-    """Check the body for ``kind``, resolve the model and build the job (nothing enqueued)."""
+    """Resolve the model of a checked body of ``kind`` and build the job (nothing enqueued).
+
+    Each route checks its body against its declared model first
+    (``corral.gateway.validation``); the OpenAI routes pass their translation."""
     state, body = incoming.state, incoming.body
     settings = state.settings
     model = inputs.model_name(body)
-    CHECKS[kind](body)
     default = (
         incoming.key_priority if incoming.key_priority is not None else settings.default_priority
     )

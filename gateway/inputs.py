@@ -1,5 +1,7 @@
 """Reading and checking what clients send: body size, JSON, auth, priority, timeout.
 
+The fields of a body are checked against its declared model (``corral.gateway.validation``).
+
 Every refusal is a ``RequestError`` subclass with Ollama's wording where Ollama has one;
 the app turns it into ``{"error": ...}`` (or the OpenAI shape) with its status.
 """
@@ -103,19 +105,8 @@ def checked_run_timeout(raw: object, ceiling: float, what: str) -> float:
 
 
 def model_name(body: dict[str, Any]) -> str:
+    """The model of a body already checked against its declared model, normalised."""
     model = body.get("model")
-    if model is None or model == "":
+    if not model:  # Ollama's own answer to a missing or empty model
         raise BadRequest("model is required")
-    if not isinstance(model, str):
-        raise BadRequest("model must be a string")
-    return normalize_model(model)
-
-
-def expect(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: str) -> None:
-    """Refuse a field present with the wrong JSON type (absent or null is fine)."""
-    value = body.get(field)
-    if value is None:
-        return
-    # bool is an int in Python but not in JSON: only accept it where bool is asked for.
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise BadRequest(f"invalid {field!r}: expected {what}")
+    return normalize_model(str(model))

@@ -261,22 +261,21 @@ def _text_choice(text: str, reason: str | None) -> Json:
     return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
 
 
-def ollama_tool_calls(index: int, calls: Any) -> list[Json]:
-    """OpenAI's tool calls of message ``index`` as Ollama's (arguments an object)."""
-    if not isinstance(calls, list):
-        raise BadRequest(f"invalid message {index}: 'tool_calls' must be an array")
+def ollama_tool_calls(index: int, calls: list[Json]) -> list[Json]:
+    """OpenAI's tool calls of message ``index`` (already checked against their model) as
+    Ollama's: OpenAI's arguments are a JSON string, Ollama's an object."""
     out: list[Json] = []
     for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise BadRequest(f"invalid message {index}: a tool call needs a function name")
+        function = call["function"]
         arguments = function.get("arguments") or "{}"
         try:
             parsed = orjson.loads(arguments) if isinstance(arguments, str) else arguments
         except orjson.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, dict):
-            raise BadRequest(f"invalid message {index}: invalid tool call arguments")
+            raise BadRequest(
+                f"invalid 'messages[{index}].tool_calls': arguments must be a JSON object"
+            )
         out.append({"function": {"name": function["name"], "arguments": parsed}})
     return out
 

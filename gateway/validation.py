@@ -1,87 +1,125 @@
-"""Per-endpoint checks of Ollama request bodies, before anything is enqueued.
+"""Checking a parsed request body against its declared model, with a clear 400.
 
-Only the shape is checked here (JSON types of the fields Ollama reads); what the
-values mean is the node's business, and its errors come back with their status.
+The models (``corral.gateway.ollama_schema``, ``corral.gateway.openai_schema``) are
+``msgspec`` Structs: ``msgspec.convert`` checks a body already parsed by the gateway in
+about a microsecond, and nothing is reshaped, so what is forwarded is what was sent.
+msgspec words its errors for programmers (``Expected `int | null`, got `str` - at
+`$.options.num_predict```); ``explain`` rewords them the way Corral's other refusals
+read: the field, what it must be, and what it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import functools
+import re
+from enum import Enum
+from typing import Any, TypeVar
+
+import msgspec
+from msgspec import inspect
 
 from corral.errors import BadRequest
-from corral.gateway.inputs import expect
-from corral.keys import JobKind
 
-_STR = (str,)
-_BOOL = (bool,)
-_OBJ = (dict,)
-_LIST = (list,)
-_FORMAT = (str, dict)
-_KEEP_ALIVE = (str, int, float)
-_THINK = (bool, str)
+Model = TypeVar("Model", bound=msgspec.Struct)
 
+_AT = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
+_EXPECTED = re.compile(r"Expected `(?P<types>[^`]+)`(?:, got `(?P<got>[^`]+)`| (?P<rule>.+))?")
+_MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
+_VALUE = re.compile(r"Invalid (?:enum )?value (?P<value>.+)")
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
-def _common(body: dict[str, Any]) -> None:
-    expect(body, "stream", _BOOL, "a boolean")
-    expect(body, "options", _OBJ, "an object")
-    expect(body, "format", _FORMAT, 'a string ("json") or a JSON schema object')
-    expect(body, "keep_alive", _KEEP_ALIVE, 'a duration ("5m") or seconds')
-    expect(body, "think", _THINK, "a boolean or a level")
-
-
-def check_generate(body: dict[str, Any]) -> None:
-    _common(body)
-    for field in ("prompt", "suffix", "system", "template"):
-        expect(body, field, _STR, "a string")
-    expect(body, "raw", _BOOL, "a boolean")
-    expect(body, "context", _LIST, "a list of integers")
-    expect(body, "images", _LIST, "a list of base64 strings")
-
-
-def check_chat(body: dict[str, Any]) -> None:
-    _common(body)
-    expect(body, "tools", _LIST, "a list of tools")
-    messages = body.get("messages")
-    if messages is None:
-        return  # Ollama loads the model and answers an empty chat
-    if not isinstance(messages, list):
-        raise BadRequest("invalid 'messages': expected a list of messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"invalid message {index}: expected an object")
-        if not isinstance(message.get("role"), str):
-            raise BadRequest(f"invalid message {index}: 'role' must be a string")
-        for field, kinds, what in (
-            ("content", _STR, "a string"),
-            ("images", _LIST, "a list of base64 strings"),
-            ("tool_calls", _LIST, "a list"),
-        ):
-            if message.get(field) is not None and not isinstance(message[field], kinds):
-                raise BadRequest(f"invalid message {index}: {field!r} must be {what}")
-
-
-def check_embed(body: dict[str, Any]) -> None:
-    expect(body, "options", _OBJ, "an object")
-    expect(body, "keep_alive", _KEEP_ALIVE, 'a duration ("5m") or seconds')
-    expect(body, "truncate", _BOOL, "a boolean")
-    expect(body, "dimensions", (int,), "an integer")
-    value = body.get("input")
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise BadRequest("invalid 'input': expected a string or a list of strings")
-
-
-def check_embeddings(body: dict[str, Any]) -> None:
-    expect(body, "options", _OBJ, "an object")
-    expect(body, "keep_alive", _KEEP_ALIVE, 'a duration ("5m") or seconds')
-    expect(body, "prompt", _STR, "a string")
-
-
-CHECKS: dict[JobKind, Callable[[dict[str, Any]], None]] = {
-    JobKind.GENERATE: check_generate,
-    JobKind.CHAT: check_chat,
-    JobKind.EMBED: check_embed,
-    JobKind.EMBEDDINGS: check_embeddings,
+_TYPES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
 }
+
+_GOT = {"float": "a float"}  # "expected an integer, got a number" would puzzle
+
+
+def check(model: type[Model], body: dict[str, Any], at: str = "") -> Model:
+    """``body`` as ``model``, or a ``BadRequest`` naming the field; ``at`` is where the
+    body sits in the request (``"request"`` inside ``POST /jobs``)."""
+    try:
+        return msgspec.convert(body, model)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(explain(str(exc), model, at)) from exc
+
+
+def explain(message: str, model: type[msgspec.Struct], at: str = "") -> str:
+    """msgspec's validation message for ``model``, reworded; unknown shapes kept as sent."""
+    found = _AT.fullmatch(message)
+    what, path = (found["what"], found["path"] or "") if found else (message, "")
+    field = _join(at, path)
+    if missing := _MISSING.fullmatch(what):
+        return f"{_join(field, '.' + missing['field'])} is required"
+    where = f"invalid {field!r}" if field else "invalid request body"
+    if expected := _EXPECTED.fullmatch(what):
+        wanted = _kinds(expected["types"])
+        if expected["got"]:
+            got = expected["got"]
+            return f"{where}: expected {wanted}, got {_GOT.get(got) or _TYPES.get(got, got)}"
+        return f"{where}: expected {wanted} {expected['rule']}"
+    if value := _VALUE.fullmatch(what):
+        choices = _choices(model, path)
+        if choices:
+            return f"{where}: expected one of {', '.join(choices)}, got {value['value']}"
+        return f"{where}: unsupported value {value['value']}"
+    return f"{where}: {what}"
+
+
+def _join(at: str, path: str) -> str:
+    if not at:
+        return path.removeprefix(".")
+    return at + path if path else at
+
+
+def _kinds(types: str) -> str:
+    """``int | float | null`` as "a number": what the field may be, in words."""
+    names = [name for name in types.split(" | ") if name != "null"] or ["null"]
+    if "int" in names and "float" in names:
+        names.remove("int")
+    return " or ".join(_TYPES.get(name, name) for name in names)
+
+
+def _choices(model: type[msgspec.Struct], path: str) -> list[str]:
+    """The allowed values at ``path`` (an enum, a literal or a union's tags), quoted."""
+    nodes: list[inspect.Type] = [_info(model)]
+    for name, index in _STEP.findall(path):
+        nodes = [child for node in _flat(nodes) for child in _children(node, name, index)]
+    values: list[Any] = []
+    for node in _flat(nodes):
+        if isinstance(node, inspect.LiteralType):
+            values.extend(node.values)
+        elif isinstance(node, inspect.EnumType):
+            values.extend(member.value for member in node.cls)
+    return [repr(v.value if isinstance(v, Enum) else v) for v in values]
+
+
+@functools.cache
+def _info(model: type[msgspec.Struct]) -> inspect.Type:
+    return inspect.type_info(model)
+
+
+def _flat(nodes: list[inspect.Type]) -> list[inspect.Type]:
+    out: list[inspect.Type] = []
+    for node in nodes:
+        if isinstance(node, inspect.UnionType):
+            out.extend(_flat(list(node.types)))
+        else:
+            out.append(node)
+    return out
+
+
+def _children(node: inspect.Type, name: str, index: str) -> list[inspect.Type]:
+    if index and isinstance(node, inspect.ListType):
+        return [node.item_type]
+    if name and isinstance(node, inspect.StructType):
+        if name == node.tag_field:
+            return [inspect.LiteralType(values=(node.tag,))]
+        return [field.type for field in node.fields if field.encode_name == name]
+    return []

@@ -337,6 +337,125 @@ async def test_bad_requests_are_400_and_never_queued(
     assert not await redis.exists(keys.stream("llama3:latest", 5))
 
 
+WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "/chat/completions",
+        {"max_tokens": "lots"},
+        "invalid 'max_tokens': expected an integer, got a string",
+    ),
+    (
+        "/completions",
+        {"max_tokens": "lots"},
+        "invalid 'max_tokens': expected an integer, got a string",
+    ),
+    (
+        "/chat/completions",
+        {"temperature": "hot"},
+        "invalid 'temperature': expected a number, got a string",
+    ),
+    (
+        "/completions",
+        {"temperature": "hot"},
+        "invalid 'temperature': expected a number, got a string",
+    ),
+    (
+        "/chat/completions",
+        {"stop": 5},
+        "invalid 'stop': expected a string or an array, got an integer",
+    ),
+    ("/completions", {"stop": 5}, "invalid 'stop': expected a string or an array, got an integer"),
+    ("/chat/completions", {"seed": 1.5}, "invalid 'seed': expected an integer, got a float"),
+    (
+        "/chat/completions",
+        {"stream_options": {"include_usage": "yes"}},
+        "invalid 'stream_options.include_usage': expected a boolean, got a string",
+    ),
+    (
+        "/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        "invalid 'messages[0].content': expected a string or an array, got an integer",
+    ),
+    (
+        "/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
+        "invalid 'messages[0].content[0].image_url': expected a string or an object, "
+        "got an integer",
+    ),
+    (
+        "/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
+        "invalid 'messages[0].content[0].type': expected one of 'text', 'image_url', got 'audio'",
+    ),
+    (
+        "/chat/completions",
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+        "messages[0].tool_calls[0].function.name is required",
+    ),
+    (
+        "/chat/completions",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "response_format.json_schema.schema is required",
+    ),
+    (
+        "/chat/completions",
+        {"reasoning_effort": "max"},
+        "invalid 'reasoning_effort': expected one of 'high', 'low', 'medium', 'none', got 'max'",
+    ),
+    (
+        "/chat/completions",
+        {"messages": [{"role": "user"}]},
+        "messages[0].content is required (it may be left out only beside tool_calls)",
+    ),
+    ("/completions", {"prompt": ["a", "b"]}, "invalid 'prompt': expected a string, got an array"),
+    ("/embeddings", {"input": [[1, 2, 3]]}, "invalid 'input[0]': expected a string, got an array"),
+    ("/embeddings", {"dimensions": "8"}, "invalid 'dimensions': expected an integer, got a string"),
+]
+_VALID = {
+    "/chat/completions": {"model": "llama3", "messages": _user("hi")},
+    "/completions": {"model": "llama3", "prompt": "hi"},
+    "/embeddings": {"model": "nomic-embed-text", "input": "hi"},
+}
+
+
+@pytest.mark.parametrize(("path", "fields", "message"), WRONG_TYPES)
+async def test_wrong_types_name_the_field_in_openai_errors(
+    cluster: LocalCluster, redis: Redis, path: str, fields: dict[str, Any], message: str
+) -> None:
+    async with httpx.AsyncClient(base_url=cluster.url + "/v1", timeout=10) as http:
+        response = await http.post(path, json={**_VALID[path], **fields})
+    assert response.status_code == 400
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    assert response.json() == {"error": error}
+    assert await _enqueued(redis) == 0
+
+
+async def test_translation_is_forwarded_with_numbers_as_sent(
+    cluster: LocalCluster, redis: Redis
+) -> None:
+    """Checked, then translated from the body as sent: integers stay integers, and fields
+    Corral does not translate (``user``, ``n``) are left out as Ollama's layer leaves them."""
+    body = {
+        "model": "llama3",
+        "messages": [{"role": "user", "content": "hi", "name": "me"}],
+        "temperature": 1,
+        "top_p": 0.5,
+        "max_tokens": 4,
+        "stop": "\n",
+        "user": "someone",
+        "n": 1,
+        "response_format": {"type": "json_object"},
+    }
+    async with httpx.AsyncClient(base_url=cluster.url + "/v1", timeout=10) as http:
+        response = await http.post("/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    forwarded = await redis.hget(keys.job(response.headers["x-corral-job-id"]), "req")
+    assert forwarded == (
+        b'{"model":"llama3:latest","messages":[{"role":"user","content":"hi"}],'
+        b'"options":{"temperature":1,"top_p":0.5,"stop":["\\n"],"num_predict":4},'
+        b'"format":"json","stream":true}'
+    )
+
+
 async def test_body_size_limit(start_cluster: StartCluster) -> None:
     cluster = await start_cluster([FakeOllamaConfig()], gateway={"max_body_bytes": 2048})
     async with _client(cluster) as client:

@@ -1,8 +1,7 @@
-"""Corral's own API: submit a job and fetch it later, cancel it, health and nodes."""
+"""Corral's own API: submit a job and fetch it later, cancel it, health, nodes, and the
+OpenAPI document of every request body."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -10,14 +9,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from corral import keys
+from corral import __version__, keys
 from corral.connections import text
-from corral.errors import BadRequest, NotFound, RequestError
+from corral.errors import NotFound, RequestError
 from corral.gateway import inputs
 from corral.gateway.admission import Incoming, make_spec, read_request, relay
+from corral.gateway.ollama_schema import BY_KIND, Body, JobSubmission
+from corral.gateway.openapi import document
+from corral.gateway.routes import ollama, openai
 from corral.gateway.routes.ollama import json_response
 from corral.gateway.state import state_of
-from corral.keys import FINAL_STATES, JobKind, JobState
+from corral.gateway.validation import check
+from corral.keys import FINAL_STATES, JobState
 
 
 class JobDialect:
@@ -44,27 +47,12 @@ class JobDialect:
 
 async def submit(request: Request) -> Response:
     """``{"kind", "request", "priority"?, "wait"?, "timeout"?, "run_timeout"?}``; the request
-    is an Ollama body."""
+    is an Ollama body of that kind, checked as on its own path."""
     incoming = await read_request(request)
-    body = incoming.body
-    kind = _kind(body.get("kind"))
-    job_body = body.get("request")
-    if not isinstance(job_body, dict):
-        raise BadRequest("'request' must be the Ollama request body (a JSON object)")
-    wait = body.get("wait", True)
-    if not isinstance(wait, bool):
-        raise BadRequest("'wait' must be a boolean")
-    prio = body.get("priority")
-    if prio is not None and (
-        isinstance(prio, bool) or not isinstance(prio, int) or not 0 <= prio <= 9
-    ):
-        raise BadRequest("'priority' must be an integer from 0 to 9")
-    timeout = body.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
-        raise BadRequest("'timeout' must be a number of seconds above 0")
-    run_timeout = body.get("run_timeout")
+    job = check(JobSubmission, incoming.body)
+    job_body = incoming.body["request"]  # forwarded as sent, like any Ollama body
+    check(BY_KIND[job.kind], job_body, at="request")
+    run_timeout = job.run_timeout
     if run_timeout is not None:
         ceiling = incoming.state.settings.run_timeout_max
         run_timeout = inputs.checked_run_timeout(run_timeout, ceiling, "'run_timeout'")
@@ -72,14 +60,14 @@ async def submit(request: Request) -> Response:
     spec = await make_spec(
         request,
         job_incoming,
-        kind,
+        job.kind,
         stream=False,
-        wait=wait,
-        priority=prio if prio is not None else None,
-        time_limit=float(timeout) if timeout is not None else None,
+        wait=job.wait,
+        priority=job.priority,
+        time_limit=job.timeout,
         run_limit=run_timeout,
     )
-    if wait:
+    if job.wait:
         return await relay(request, spec, JobDialect(spec.job_id))
     state = incoming.state
     depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
@@ -88,12 +76,10 @@ async def submit(request: Request) -> Response:
     )
 
 
-def _kind(value: Any) -> JobKind:
-    try:
-        return JobKind(value)
-    except ValueError:
-        choices = ", ".join(k.value for k in JobKind)
-        raise BadRequest(f"'kind' must be one of: {choices}") from None
+async def openapi(request: Request) -> Response:
+    """The request bodies of every API as an OpenAPI 3.1 document (no key needed)."""
+    bodies = {**ollama.BODIES, **openai.BODIES, **BODIES}
+    return json_response(document(bodies, title="Corral", version=__version__))
 
 
 async def get_job(request: Request) -> Response:
@@ -158,4 +144,8 @@ ROUTES = [
     Route("/jobs/{job_id}", cancel_job, methods=["DELETE"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/nodes", nodes, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]
+
+BODIES: dict[str, type[Body]] = {"/jobs": JobSubmission}
+"""The declared body of each route that takes one (published by ``GET /openapi.json``)."""

@@ -14,7 +14,9 @@ from corral.errors import BadRequest, Forbidden, ModelNotFound
 from corral.gateway import inputs
 from corral.gateway.admission import make_spec, read_request, relay
 from corral.gateway.dialect import OLLAMA
+from corral.gateway.ollama_schema import BY_KIND, Body, ShowRequest
 from corral.gateway.state import state_of
+from corral.gateway.validation import check
 from corral.keys import JobKind
 from corral.names import normalize_model
 
@@ -65,6 +67,7 @@ async def embeddings(request: Request) -> Response:
 
 async def _ollama_job(request: Request, kind: JobKind) -> Response:
     incoming = await read_request(request)
+    check(BY_KIND[kind], incoming.body)
     stream = kind.streams and incoming.body.get("stream", True) is not False
     spec = await make_spec(request, incoming, kind, stream=stream)
     return await relay(request, spec, OLLAMA)
@@ -83,8 +86,9 @@ async def ps(request: Request) -> Response:
 
 async def show(request: Request) -> Response:
     incoming = await read_request(request)
-    name = incoming.body.get("model") or incoming.body.get("name")
-    if not isinstance(name, str) or not name:
+    body = check(ShowRequest, incoming.body)
+    name = body.model or body.name
+    if not name:
         raise BadRequest("model is required")
     model = normalize_model(name)
     state = incoming.state
@@ -121,3 +125,9 @@ ROUTES = [
     ),
     Route("/api/blobs/{digest}", management, methods=["POST", "HEAD"]),
 ]
+
+BODIES: dict[str, type[Body]] = {
+    **{kind.path: BY_KIND[kind] for kind in JobKind},
+    "/api/show": ShowRequest,
+}
+"""The declared body of each route that takes one (published by ``GET /openapi.json``)."""

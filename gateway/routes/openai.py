@@ -13,7 +13,6 @@ import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -24,6 +23,7 @@ from corral.errors import BadRequest, ModelNotFound
 from corral.gateway import inputs
 from corral.gateway.admission import Incoming, make_spec, read_request, relay
 from corral.gateway.dialect import Dialect
+from corral.gateway.ollama_schema import Body
 from corral.gateway.openai_dialect import (
     ChatDialect,
     CompletionDialect,
@@ -33,13 +33,18 @@ from corral.gateway.openai_dialect import (
     ollama_tool_calls,
     tool_name_for,
 )
+from corral.gateway.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from corral.gateway.state import state_of
+from corral.gateway.validation import check
 from corral.keys import JobKind
 from corral.names import normalize_model
 
 JSON = "application/json; charset=utf-8"
 _IMAGE_URL = re.compile(r"data:(?:image/(?:jpeg|jpg|png|webp))?;base64,(.*)", re.DOTALL)
-_EFFORTS = ("high", "medium", "low", "none")
 _NUMBER_OPTIONS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
 
@@ -117,86 +122,73 @@ ROUTES = [
     Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
 ]
 
+BODIES: dict[str, type[Body]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}
+"""The declared body of each route that takes one (published by ``GET /openapi.json``)."""
+
 
 # --- requests: OpenAI in, Ollama out ---
+#
+# Each body is first checked against its model (``corral.gateway.openai_schema``); the
+# translation then reads the body as sent, so numbers keep their JSON form (a
+# ``temperature`` of 1 stays 1) and the Ollama request is what Ollama's layer would build.
 
 
 def chat_request(body: Json) -> Translated:
+    check(ChatCompletionRequest, body)
     model, stream, include_usage = _common(body)
-    out: Json = {"model": model, "messages": _messages(body.get("messages"))}
+    chat = body["messages"]
+    out: Json = {"model": model, "messages": [_message(i, m, chat) for i, m in enumerate(chat)]}
     out["options"] = _options(body)
     if (fmt := _format(body.get("response_format"))) is not None:
         out["format"] = fmt
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise BadRequest("invalid 'tools': expected an array of tool objects")
-        out["tools"] = tools
+    if body.get("tools") is not None:
+        out["tools"] = body["tools"]
     if (think := _think(body)) is not None:
         out["think"] = think
     return Translated(out, model, stream, include_usage)
 
 
 def completion_request(body: Json) -> Translated:
+    check(CompletionRequest, body)
     model, stream, include_usage = _common(body)
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise BadRequest("invalid 'prompt': expected a string")
-    out: Json = {"model": model, "prompt": prompt, "options": _options(body)}
-    inputs.expect(body, "suffix", (str,), "a string")
+    out: Json = {"model": model, "prompt": body["prompt"], "options": _options(body)}
     if body.get("suffix") is not None:
         out["suffix"] = body["suffix"]
     return Translated(out, model, stream, include_usage)
 
 
 def embedding_request(body: Json) -> Translated:
-    model = _model(body)
-    value = body.get("input")
-    texts = [value] if isinstance(value, str) else value
-    if not isinstance(texts, list) or not texts:
-        raise BadRequest("invalid 'input': expected a string or a non-empty array of strings")
-    if not all(isinstance(text, str) for text in texts):
-        raise BadRequest("invalid 'input': only strings are supported, not token arrays")
+    check(EmbeddingRequest, body)
+    model = body["model"]
+    value = body["input"]
     encoding = body.get("encoding_format") or "float"
-    if not isinstance(encoding, str) or encoding.lower() not in ("float", "base64"):
+    if encoding.lower() not in ("float", "base64"):
         raise BadRequest(
             f"Invalid value for 'encoding_format' = {encoding}. "
             "Supported values: ['float', 'base64']."
         )
-    out: Json = {"model": model, "input": texts}
-    inputs.expect(body, "dimensions", (int,), "an integer")
+    out: Json = {"model": model, "input": [value] if isinstance(value, str) else value}
     if body.get("dimensions") is not None:
         out["dimensions"] = body["dimensions"]
     return Translated(out, model, encoding=encoding.lower())
 
 
-def _model(body: Json) -> str:
-    inputs.model_name(body)  # refuses a missing or non-string model
-    return str(body["model"])
-
-
 def _common(body: Json) -> tuple[str, bool, bool]:
     """The model, whether to stream (OpenAI's default: no) and ``include_usage``."""
-    model = _model(body)
-    inputs.expect(body, "stream", (bool,), "a boolean")
-    inputs.expect(body, "stream_options", (dict,), "an object")
     stream_options = body.get("stream_options") or {}
-    inputs.expect(stream_options, "include_usage", (bool,), "a boolean")
-    return model, body.get("stream") is True, stream_options.get("include_usage") is True
+    return body["model"], body.get("stream") is True, stream_options.get("include_usage") is True
 
 
 def _options(body: Json) -> Json:
     """Sampling parameters as Ollama options (OpenAI's temperature and top_p default to 1)."""
     options: Json = {"temperature": 1.0, "top_p": 1.0}
     stop = body.get("stop")
-    if isinstance(stop, str):
-        options["stop"] = [stop]
-    elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
-        options["stop"] = stop
-    elif stop is not None:
-        raise BadRequest("invalid 'stop': expected a string or an array of strings")
-    for field in ("max_tokens", "max_completion_tokens", "seed"):
-        inputs.expect(body, field, (int,), "an integer")
+    if stop is not None:
+        options["stop"] = [stop] if isinstance(stop, str) else stop
     limit = body.get("max_completion_tokens")
     limit = body.get("max_tokens") if limit is None else limit
     if limit is not None:
@@ -204,55 +196,31 @@ def _options(body: Json) -> Json:
     if body.get("seed") is not None:
         options["seed"] = body["seed"]
     for field in _NUMBER_OPTIONS:
-        inputs.expect(body, field, (int, float), "a number")
         if body.get(field) is not None:
             options[field] = body[field]
     return options
 
 
-def _format(value: Any) -> str | Json | None:
+def _format(value: Json | None) -> str | Json | None:
     """``response_format`` as Ollama's ``format``: ``"json"`` or a JSON schema."""
-    if value is None:
+    if value is None or value["type"] == "text":
         return None
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "json_object":
+    if value["type"] == "json_object":
         return "json"
-    if kind == "json_schema":
-        schema = value.get("json_schema")
-        schema = schema.get("schema") if isinstance(schema, dict) else None
-        if not isinstance(schema, dict):
-            raise BadRequest("invalid 'response_format': json_schema.schema must be an object")
-        return schema
-    if kind == "text":
-        return None
-    raise BadRequest("invalid 'response_format': type must be text, json_object or json_schema")
+    schema: Json = value["json_schema"]["schema"]
+    return schema
 
 
 def _think(body: Json) -> bool | str | None:
     """``reasoning_effort`` (or ``reasoning.effort``) as Ollama's ``think``."""
-    reasoning = body.get("reasoning")
-    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
-    effort = effort or body.get("reasoning_effort")
+    reasoning = body.get("reasoning") or {}
+    effort = reasoning.get("effort") or body.get("reasoning_effort")
     if effort is None:
         return None
-    if effort not in _EFFORTS:
-        raise BadRequest(
-            f"invalid reasoning value: {effort!r} (must be 'high', 'medium', 'low' or 'none')"
-        )
     return False if effort == "none" else str(effort)
 
 
-def _messages(raw: Any) -> list[Json]:
-    if not isinstance(raw, list):
-        raise BadRequest("invalid 'messages': expected an array of messages")
-    if not raw:
-        raise BadRequest("[] is too short - 'messages'")
-    return [_message(index, item, raw) for index, item in enumerate(raw)]
-
-
-def _message(index: int, message: Any, chat: list[Any]) -> Json:
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise BadRequest(f"invalid message {index}: expected an object with a string 'role'")
+def _message(index: int, message: Json, chat: list[Json]) -> Json:
     out: Json = {"role": message["role"]}
     content, calls = message.get("content"), message.get("tool_calls")
     if isinstance(content, str):
@@ -261,43 +229,37 @@ def _message(index: int, message: Any, chat: list[Any]) -> Json:
         out["content"], images = _parts(index, content)
         if images:
             out["images"] = images
-    elif content is None and calls:
+    elif calls:
         out["content"] = ""  # content is optional only beside tool calls
     else:
-        raise BadRequest(f"invalid message {index}: 'content' must be a string or an array")
+        raise BadRequest(
+            f"messages[{index}].content is required (it may be left out only beside tool_calls)"
+        )
     if calls is not None:
         out["tool_calls"] = ollama_tool_calls(index, calls)
     if isinstance(message.get("reasoning"), str):
         out["thinking"] = message["reasoning"]
     if message["role"] == "tool":
         name = message.get("name") or tool_name_for(chat, message.get("tool_call_id"))
-        if isinstance(name, str) and name:
+        if name:
             out["tool_name"] = name
     return out
 
 
-def _parts(index: int, parts: list[Any]) -> tuple[str, list[str]]:
+def _parts(index: int, parts: list[Json]) -> tuple[str, list[str]]:
     """Text parts joined by newlines, and the base64 data of each image part."""
-    texts: list[str] = []
-    images: list[str] = []
-    for part in parts:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            images.append(_image(index, part.get("image_url")))
-        else:
-            raise BadRequest(f"invalid message {index}: unsupported content part {kind!r}")
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    images = [_image(index, part["image_url"]) for part in parts if part["type"] == "image_url"]
     return "\n".join(texts), images
 
 
-def _image(index: int, value: Any) -> str:
-    url = value.get("url") if isinstance(value, dict) else value
-    found = _IMAGE_URL.fullmatch(url) if isinstance(url, str) else None
+def _image(index: int, value: str | Json) -> str:
+    url = value["url"] if isinstance(value, dict) else value
+    found = _IMAGE_URL.fullmatch(url)
     if found is None:
-        raise BadRequest(f"invalid message {index}: images must be base64 data URIs")
+        raise BadRequest(f"invalid 'messages[{index}].content': images must be base64 data URIs")
     try:
         base64.b64decode(found.group(1), validate=True)
     except binascii.Error as exc:
-        raise BadRequest(f"invalid message {index}: invalid base64 image data") from exc
+        raise BadRequest(f"invalid 'messages[{index}].content': invalid base64 image data") from exc
     return found.group(1)
