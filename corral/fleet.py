@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from corral import keys
 from corral.connections import server_time, text
-from corral.scripts import source
+from corral.scripts import Heartbeat, Touch, argv, source
 
 NodeRecord = dict[str, Any]
 """Heartbeat fields: ``node_id``, ``hosts``, ``ollama_url``, ``state`` (running or
@@ -33,7 +33,8 @@ async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> flo
     body = orjson.dumps({k: v for k, v in record.items() if k != "ts"})
     script = redis.register_script(source("heartbeat"))  # a hash, no round trip
     written = await script(
-        keys=[keys.node(node_id), keys.NODES], args=[node_id, body, int(ttl * 1000)]
+        keys=[keys.node(node_id), keys.NODES],
+        args=argv(Heartbeat(node_id=node_id, ttl_ms=int(ttl * 1000)), body),
     )
     return float(written)
 
@@ -41,7 +42,7 @@ async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> flo
 async def touch(redis: Redis, registry: str, member: str) -> float:
     """Score ``member`` of a registry (live gateways) with Redis's time; returns it."""
     script = redis.register_script(source("touch"))
-    return float(await script(keys=[registry], args=[member]))
+    return float(await script(keys=[registry], args=argv(Touch(member))))
 
 
 async def remove_node(redis: Redis, node_id: str) -> None:

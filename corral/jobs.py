@@ -22,7 +22,17 @@ from corral.batching import ScriptBatcher
 from corral.connections import text
 from corral.errors import QueueFull
 from corral.keys import JobKind, JobState
-from corral.scripts import Scripts
+from corral.scripts import (
+    Cancel,
+    Claim,
+    Ending,
+    Enqueue,
+    Finish,
+    Requeue,
+    Retry,
+    Scripts,
+    argv,
+)
 
 ORPHANED = "orphaned: the gateway its client waited on stopped heartbeating"
 """The error of a job cancelled because nobody could receive its answer (status 503)."""
@@ -32,6 +42,18 @@ CLAIM_RECEIPT_TTL = 60
 
 DOORBELL_CAP = 1024
 """A doorbell holds at most this many rings; more would only wake workers for nothing."""
+
+
+def _ending(state: JobState, counter: str, error: str, status: int) -> Ending:
+    reply = protocol.tail(protocol.ERROR, protocol.error_payload(error, status))
+    return Ending(state.value, counter, error, status, reply.decode())
+
+
+_EXPIRED_IN_QUEUE = _ending(
+    JobState.EXPIRED, "expired", "job expired before a node could start it", 408
+)
+# 503, not 499: that client did not go away, and should try again.
+_ORPHANED_IN_QUEUE = _ending(JobState.CANCELLED, "orphaned", ORPHANED, 503)
 
 
 def new_job_id() -> str:
@@ -110,6 +132,21 @@ class JobStore:
 
         Raises ``QueueFull`` (nothing stored) when the model already has ``max_queue``.
         """
+        named = Enqueue(
+            group=keys.GROUP,
+            max_queue=max_queue,
+            doorbell_cap=DOORBELL_CAP,
+            job_id=spec.job_id,
+            model=spec.model,
+            kind=spec.kind.value,
+            priority=spec.priority,
+            gateway_id=spec.gateway_id,
+            stream=spec.stream,
+            wait=spec.wait,
+            wait_limit=spec.wait_limit,
+            max_attempts=spec.max_attempts,
+            run_timeout=spec.run_timeout,
+        )
         depth = await self.batch.call(
             self.scripts.enqueue,
             [
@@ -120,22 +157,7 @@ class JobStore:
                 keys.STATS,
                 keys.MODELS,
             ],
-            [
-                keys.GROUP,
-                max_queue,
-                DOORBELL_CAP,
-                spec.job_id,
-                spec.model,
-                spec.kind.value,
-                spec.priority,
-                spec.gateway_id,
-                int(spec.stream),
-                int(spec.wait),
-                spec.request,
-                repr(spec.wait_limit),
-                spec.max_attempts,
-                repr(spec.run_timeout),
-            ],
+            argv(named, spec.request),
         )
         if int(depth) < 0:
             raise QueueFull(
@@ -163,18 +185,7 @@ class JobStore:
                 # timeout, and the script then answers with the jobs it took the first time.
                 keys.claim_receipt(model, uuid.uuid4().hex),
             ],
-            args=[
-                keys.GROUP,
-                consumer,
-                CLAIM_RECEIPT_TTL,
-                keys.job(""),
-                keys.reply_channel(""),
-                self.job_ttl,
-                self.gateway_ttl,
-                limit,
-                ORPHANED,
-                protocol.error_payload(ORPHANED, 503),
-            ],
+            args=argv(self.claim_args(consumer, limit)),
         )
         return [
             ClaimedJob(
@@ -192,6 +203,21 @@ class JobStore:
             for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout in reply or ()
         ]
 
+    def claim_args(self, consumer: str, want: int) -> Claim:
+        """The claim script's named arguments."""
+        return Claim(
+            group=keys.GROUP,
+            consumer=consumer,
+            want=want,
+            receipt_ttl=CLAIM_RECEIPT_TTL,
+            job_prefix=keys.job(""),
+            reply_prefix=keys.reply_channel(""),
+            ended_ttl=self.job_ttl,
+            gateway_ttl=self.gateway_ttl,
+            expired=_EXPIRED_IN_QUEUE,
+            orphaned=_ORPHANED_IN_QUEUE,
+        )
+
     async def finish(
         self,
         job: ClaimedJob,
@@ -204,23 +230,21 @@ class JobStore:
         message: bytes = b"",
     ) -> bool:
         """Settle an attempt; False when the job had moved on (then nothing was published)."""
+        named = Finish(
+            group=keys.GROUP,
+            node=consumer,
+            entry=job.entry_id,
+            state=state.value,
+            error=error,
+            status=status,
+            job_ttl=self.job_ttl,
+            result_ttl=self.result_ttl,
+            reply_prefix=keys.reply_channel(""),
+        )
         settled = await self.batch.call(
             self.scripts.finish,
             [keys.job(job.job_id), job.stream_key, keys.STATS, keys.output(job.job_id)],
-            [
-                keys.GROUP,
-                consumer,
-                job.entry_id,
-                state.value,
-                "",
-                self.job_ttl,
-                result,
-                error,
-                status,
-                keys.reply_channel(""),
-                message,
-                self.result_ttl,
-            ],
+            argv(named, result, message),
         )
         return bool(settled)
 
@@ -243,6 +267,21 @@ class JobStore:
         0 when the job was no longer held by ``consumer``.
         """
         streamed = f"{reason} after part of the answer was streamed"
+        named = Requeue(
+            group=keys.GROUP,
+            entry=entry_id,
+            node=consumer,
+            reason=reason,
+            history=history_line(consumer, reason, 503, at=self.clock()),
+            doorbell_cap=DOORBELL_CAP,
+            max_attempts=max_attempts,
+            streamed_error=streamed,
+            streamed_status=503,
+            streamed_message=protocol.unsequenced_error(job_id, streamed, 503).decode(),
+            job_ttl=self.job_ttl,
+            result_ttl=self.result_ttl,
+            reply_prefix=keys.reply_channel(""),
+        )
         done = await self.scripts.requeue(
             keys=[
                 keys.job(job_id),
@@ -253,36 +292,22 @@ class JobStore:
                 keys.STATS,
                 keys.RETRY_INBOX,
             ],
-            args=[
-                keys.GROUP,
-                entry_id,
-                consumer,
-                "",
-                reason,
-                DOORBELL_CAP,
-                max_attempts,
-                keys.reply_channel(""),
-                self.job_ttl,
-                self.result_ttl,
-                streamed,
-                protocol.error_payload(streamed, 503),
-                history_line(consumer, reason, 503, at=self.clock()),
-            ],
+            args=argv(named),
         )
         return int(done)
 
     async def retry(self, job: ClaimedJob, consumer: str, error: str, status: int) -> bool:
         """Hand a failed attempt to the scheduler for a retry with backoff (through RQ)."""
+        named = Retry(
+            group=keys.GROUP,
+            node=consumer,
+            entry=job.entry_id,
+            error=error,
+            history=history_line(consumer, error, status, job.attempt, at=self.clock()),
+        )
         done = await self.scripts.retry(
             keys=[keys.job(job.job_id), job.stream_key, keys.RETRY_INBOX, keys.STATS],
-            args=[
-                keys.GROUP,
-                consumer,
-                job.entry_id,
-                "",
-                error,
-                history_line(consumer, error, status, job.attempt, at=self.clock()),
-            ],
+            args=argv(named),
         )
         return bool(done)
 
@@ -302,22 +327,19 @@ class JobStore:
         """
         state, default = (JobState.EXPIRED, 408) if expired else (JobState.CANCELLED, 499)
         status = default if status is None else status
-        message = protocol.encode_error(job_id, 0, reason, status)
-        prior = await self.scripts.cancel(
-            keys=[keys.job(job_id), keys.STATS],
-            args=[
-                job_id,
-                uuid.uuid4().hex,  # the same call re-sent after a timeout answers alike
-                self.job_ttl,
-                reason,
-                keys.cancel_channel(""),
-                keys.reply_channel(""),
-                message,
-                self.result_ttl,
-                state.value,
-                status,
-            ],
+        named = Cancel(
+            job_id=job_id,
+            token=uuid.uuid4().hex,  # the same call re-sent after a timeout answers alike
+            state=state.value,
+            reason=reason,
+            status=status,
+            message=protocol.unsequenced_error(job_id, reason, status).decode(),
+            job_ttl=self.job_ttl,
+            result_ttl=self.result_ttl,
+            cancel_prefix=keys.cancel_channel(""),
+            reply_prefix=keys.reply_channel(""),
         )
+        prior = await self.scripts.cancel(keys=[keys.job(job_id), keys.STATS], args=argv(named))
         return JobState(prior.decode()) if prior else None
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
@@ -330,14 +352,14 @@ class JobStore:
 
 def history_line(
     node: str, error: str, status: int, attempt: int | None = None, *, at: float
-) -> bytes:
+) -> str:
     """One line of a job's failure history (the record keeps them newline-separated).
 
     ``at`` is the writer's clock: shown to people, never compared."""
     entry: dict[str, Any] = {"at": at, "node": node, "error": error, "status": status}
     if attempt is not None:
         entry["attempt"] = attempt
-    return orjson.dumps(entry)
+    return orjson.dumps(entry).decode()
 
 
 def record_view(rec: dict[str, bytes]) -> dict[str, Any]:

@@ -26,14 +26,11 @@ log = logging.getLogger(__name__)
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
-OUT_OF_BAND = 1 << 29
-"""Final messages from the scripts or rebuilt from a record carry a sequence number above
-this (the node's own count is unknown to them): they end the answer whenever they come."""
-
-
 def _due(reply: Reply, expected: int) -> bool:
-    """Whether a final reply may be written once ``expected`` chunks are out."""
-    return reply.seq <= expected or reply.seq >= OUT_OF_BAND
+    """Whether a final reply may be written once ``expected`` chunks are out: the node's
+    own final comes after its chunks (a failure before any output is final at 0), and
+    one whose sender could not know the count (``UNSEQUENCED``) ends the answer at once."""
+    return reply.seq <= expected or reply.seq == protocol.UNSEQUENCED
 
 
 class JobTimeout(Exception):

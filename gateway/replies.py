@@ -141,14 +141,10 @@ class ReplyRouter:
             if output and output[-1].split(b" ", 3)[2] != protocol.CHUNK:
                 continue  # the replayed stream already ends with its final message
             if state == b"done" and result is not None:
-                queue.put_nowait(Reply(job_id, FROM_RECORD, protocol.DONE, result))
+                queue.put_nowait(Reply(job_id, protocol.UNSEQUENCED, protocol.DONE, result))
             elif state in (b"failed", b"cancelled", b"expired", b"dead"):
                 payload = protocol.error_payload(
                     (error or b"job ended").decode(), int(status or 500)
                 )
-                queue.put_nowait(Reply(job_id, FROM_RECORD, protocol.ERROR, payload))
+                queue.put_nowait(Reply(job_id, protocol.UNSEQUENCED, protocol.ERROR, payload))
         log.info("reply router replayed missed replies for %d waiting job(s)", len(ids))
-
-
-FROM_RECORD = 1 << 30
-"""Sequence number of a final reply rebuilt from a job record (after every real one)."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from corral import keys
-from corral.scripts import source
+from corral.scripts import Lease as LeaseArgs
+from corral.scripts import argv, source
 
 
 class Lease:
@@ -25,7 +26,7 @@ class Lease:
     async def acquire_or_renew(self) -> bool:
         """True while this process holds the lease."""
         if self.held and await self._renew(
-            keys=[keys.SCHEDULER_LEASE], args=[self.holder, self.ttl_ms]
+            keys=[keys.SCHEDULER_LEASE], args=argv(LeaseArgs(self.holder, self.ttl_ms))
         ):
             return True
         got = await self.redis.set(keys.SCHEDULER_LEASE, self.holder, nx=True, px=self.ttl_ms)
@@ -34,5 +35,5 @@ class Lease:
 
     async def release(self) -> None:
         if self.held:
-            await self._release(keys=[keys.SCHEDULER_LEASE], args=[self.holder])
+            await self._release(keys=[keys.SCHEDULER_LEASE], args=argv(LeaseArgs(self.holder)))
             self.held = False

@@ -21,7 +21,7 @@ from rq import get_current_job
 
 from corral import keys, protocol
 from corral.jobs import DOORBELL_CAP
-from corral.scripts import source
+from corral.scripts import Bury, Revive, argv, source
 
 
 class DeadLetter(Exception):
@@ -42,7 +42,7 @@ def revive(job_id: str, max_attempts: int, job_ttl: int, result_ttl: int) -> str
     if state is None:
         return f"job {job_id} no longer exists (its record expired)"
     if state == "dead":
-        return _requeue(redis, job_id, model, prio, "retrying,dead", reset=True)
+        return _requeue(redis, job_id, model, prio, ("retrying", "dead"), reset=True)
     if state != "retrying":
         return f"job {job_id} is {state}; nothing to retry"
     seconds, micros = redis.time()  # deadlines are on Redis's clock
@@ -56,11 +56,17 @@ def revive(job_id: str, max_attempts: int, job_ttl: int, result_ttl: int) -> str
             message += f"; the last failed with: {last_error}"
         _bury(redis, job_id, "dead", message, 503, job_ttl, result_ttl)
         raise DeadLetter(f"job {job_id} ({model}) {message}; history:\n{history or ''}")
-    return _requeue(redis, job_id, model, prio, "retrying", reset=False)
+    return _requeue(redis, job_id, model, prio, ("retrying",), reset=False)
 
 
 def _requeue(
-    redis: Redis, job_id: str, model: str | None, prio: str | None, allowed: str, *, reset: bool
+    redis: Redis,
+    job_id: str,
+    model: str | None,
+    prio: str | None,
+    allowed: tuple[str, ...],
+    *,
+    reset: bool,
 ) -> str:
     assert model is not None
     priority = int(prio or keys.DEFAULT_PRIORITY)
@@ -75,7 +81,14 @@ def _requeue(
             keys.MODELS,
             keys.RETRY_SCHEDULED,
         ],
-        args=[keys.GROUP, "", DOORBELL_CAP, allowed, "1" if reset else "0"],
+        args=argv(
+            Revive(
+                group=keys.GROUP,
+                doorbell_cap=DOORBELL_CAP,
+                allowed=allowed,
+                reset_attempts=reset,
+            )
+        ),
     )
     if not entry:
         return f"job {job_id} changed state meanwhile; not requeued"
@@ -88,11 +101,19 @@ def _bury(
     script = redis.register_script(source("bury"))
     script(
         keys=[keys.job(job_id), keys.STATS, keys.RETRY_SCHEDULED],
-        args=[
-            state, "", error, status, keys.reply_channel(""),
-            job_ttl, result_ttl, "retrying", protocol.error_payload(error, status),
-        ],
-    )  # fmt: skip
+        args=argv(
+            Bury(
+                expected="retrying",
+                state=state,
+                error=error,
+                status=status,
+                message=protocol.unsequenced_error(job_id, error, status).decode(),
+                job_ttl=job_ttl,
+                result_ttl=result_ttl,
+                reply_prefix=keys.reply_channel(""),
+            )
+        ),
+    )
 
 
 def _text(value: Any) -> str | None:

@@ -2,30 +2,29 @@
 -- and its node told to abort the Ollama request at once.
 -- Safe to run twice: each call carries a token, and a re-sent call answers the state the
 -- job was in when the first one ran.
--- KEYS: 1 job record, 2 stats
--- ARGV: 1 job id, 2 call token, 3 record ttl (s), 4 reason, 5 cancel channel prefix,
---       6 reply channel prefix, 7 message for the waiting gateway,
---       8 record ttl (s) for jobs a client waited on, 9 final state (cancelled or expired),
---       10 status to record
+-- ARGV: 1 named arguments (corral.scripts.Cancel)
 -- Returns the state the job was in (false when there is no such job).
-local rec = redis.call('HMGET', KEYS[1], 'state', 'node', 'gw', 'wait', 'cancel_token', 'was')
+local job_key, stats = KEYS[1], KEYS[2]
+local a = cjson.decode(ARGV[1])
+
+local rec = redis.call('HMGET', job_key, 'state', 'node', 'gw', 'wait', 'cancel_token', 'was')
 local state = rec[1]
 if not state then
   return false
 end
-if rec[5] == ARGV[2] and rec[6] then
+if rec[5] == a.token and rec[6] then
   return rec[6]
 end
 if state == 'queued' or state == 'retrying' or state == 'running' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[9], 'finished', NOW, 'error', ARGV[4],
-    'status', ARGV[10], 'cancel_token', ARGV[2], 'was', state)
-  redis.call('EXPIRE', KEYS[1], tonumber(rec[4] == '0' and ARGV[3] or ARGV[8]))
-  redis.call('HINCRBY', KEYS[2], ARGV[9], 1)
+  redis.call('HSET', job_key, 'state', a.state, 'finished', NOW, 'error', a.reason,
+    'status', a.status, 'cancel_token', a.token, 'was', state)
+  redis.call('EXPIRE', job_key, rec[4] == '0' and a.job_ttl or a.result_ttl)
+  redis.call('HINCRBY', stats, a.state, 1)
   if state == 'running' and rec[2] then
-    redis.call('PUBLISH', ARGV[5] .. rec[2], ARGV[1])
+    redis.call('PUBLISH', a.cancel_prefix .. rec[2], a.job_id)
   end
   if rec[3] then
-    redis.call('PUBLISH', ARGV[6] .. rec[3], ARGV[7])
+    redis.call('PUBLISH', a.reply_prefix .. rec[3], a.message)
   end
 end
 return state

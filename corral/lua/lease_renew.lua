@@ -1,6 +1,8 @@
 -- Extend the scheduler lease, only if this scheduler still holds it.
--- KEYS: 1 lease; ARGV: 1 holder id, 2 ttl (ms). Returns 1 when extended, 0 otherwise.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- ARGV: 1 named arguments (corral.scripts.Lease). Returns 1 when extended, 0 otherwise.
+local lease = KEYS[1]
+local a = cjson.decode(ARGV[1])
+if redis.call('GET', lease) == a.holder then
+  return redis.call('PEXPIRE', lease, a.ttl_ms)
 end
 return 0

@@ -7,51 +7,49 @@
 -- RQ job dead-letters it. The attempt limit is the job's own (set at enqueue), so every
 -- path that puts a job back enforces the same one.
 -- Safe to run twice: a re-sent call answers the outcome of the first.
--- KEYS: 1 job record, 2 stream the old entry is in, 3 stream to add to, 4 queued counter,
---       5 doorbell, 6 stats, 7 retry inbox
--- ARGV: 1 group, 2 old entry id, 3 node expected to hold it ('' = any), 4 (unused),
---       5 reason, 6 doorbell cap, 7 attempt limit for records that carry none (0 = none),
---       8 reply channel prefix, 9 ttl (s) for wait=false jobs, 10 ttl for jobs a client
---       waited on, 11 error text when failing a streamed job, 12 its reply's JSON payload,
---       13 history line (JSON)
+-- ARGV: 1 named arguments (corral.scripts.Requeue)
 -- Returns 1 requeued, 2 failed (streamed), 3 sent to the retry inbox, 0 no longer held there.
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-local rec = redis.call('HMGET', KEYS[1], 'state', 'node', 'entry', 'id', 'streamed', 'attempts',
+local job_key, old_stream, stream, queued_count, doorbell, stats, retry_inbox =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local a = cjson.decode(ARGV[1])
+
+redis.call('XACK', old_stream, a.group, a.entry)
+local rec = redis.call('HMGET', job_key, 'state', 'node', 'entry', 'id', 'streamed', 'attempts',
   'gw', 'wait', 'history', 'max_attempts', 'handed_back')
-local mark = ARGV[2] .. ' '
+local mark = a.entry .. ' '
 if rec[11] and string.sub(rec[11], 1, #mark) == mark then
   return tonumber(string.sub(rec[11], #mark + 1))
 end
-if rec[1] ~= 'running' or (ARGV[3] ~= '' and rec[2] ~= ARGV[3]) or rec[3] ~= ARGV[2] then
+if rec[1] ~= 'running' or (a.node ~= '' and rec[2] ~= a.node) or rec[3] ~= a.entry then
   return 0
 end
-local history = rec[9] and (rec[9] .. '\n' .. ARGV[13]) or ARGV[13]
-redis.call('HSET', KEYS[1], 'history', history, 'last_error', ARGV[5])
-redis.call('HDEL', KEYS[1], 'node')
+local history = rec[9] and (rec[9] .. '\n' .. a.history) or a.history
+redis.call('HSET', job_key, 'history', history, 'last_error', a.reason)
+redis.call('HDEL', job_key, 'node')
 local function outcome(n)
-  redis.call('HSET', KEYS[1], 'handed_back', ARGV[2] .. ' ' .. n)
+  redis.call('HSET', job_key, 'handed_back', a.entry .. ' ' .. n)
   return n
 end
 if rec[5] == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', NOW, 'error', ARGV[11],
-    'status', '503')
-  redis.call('EXPIRE', KEYS[1], tonumber(rec[8] == '0' and ARGV[9] or ARGV[10]))
-  redis.call('HINCRBY', KEYS[6], 'failed', 1)
+  redis.call('HSET', job_key, 'state', 'failed', 'finished', NOW, 'error', a.streamed_error,
+    'status', a.streamed_status)
+  redis.call('EXPIRE', job_key, rec[8] == '0' and a.job_ttl or a.result_ttl)
+  redis.call('HINCRBY', stats, 'failed', 1)
   if rec[7] then
-    redis.call('PUBLISH', ARGV[8] .. rec[7], rec[4] .. ' 999999999 E ' .. ARGV[12])
+    redis.call('PUBLISH', a.reply_prefix .. rec[7], a.streamed_message)
   end
   return outcome(2)
 end
-local limit = tonumber(rec[10] or ARGV[7]) or 0
+local limit = tonumber(rec[10]) or a.max_attempts
 if limit > 0 and tonumber(rec[6] or '0') >= limit then
-  redis.call('HSET', KEYS[1], 'state', 'retrying', 'retry_since', NOW)
-  redis.call('RPUSH', KEYS[7], rec[4])
+  redis.call('HSET', job_key, 'state', 'retrying', 'retry_since', NOW)
+  redis.call('RPUSH', retry_inbox, rec[4])
   return outcome(3)
 end
-local entry = redis.call('XADD', KEYS[3], '*', 'j', rec[4])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'requeued', NOW)
-redis.call('INCR', KEYS[4])
-redis.call('LPUSH', KEYS[5], '1')
-redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[6]) - 1)
-redis.call('HINCRBY', KEYS[6], 'requeued', 1)
+local entry = redis.call('XADD', stream, '*', 'j', rec[4])
+redis.call('HSET', job_key, 'state', 'queued', 'entry', entry, 'requeued', NOW)
+redis.call('INCR', queued_count)
+redis.call('LPUSH', doorbell, '1')
+redis.call('LTRIM', doorbell, 0, a.doorbell_cap - 1)
+redis.call('HINCRBY', stats, 'requeued', 1)
 return outcome(1)

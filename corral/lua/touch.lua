@@ -1,4 +1,6 @@
 -- Score a member of a registry (live gateways) with Redis's time, the one clock.
--- KEYS: 1 sorted set; ARGV: 1 member. Returns the time written.
-redis.call('ZADD', KEYS[1], NOW, ARGV[1])
+-- ARGV: 1 named arguments (corral.scripts.Touch). Returns the time written.
+local registry = KEYS[1]
+local a = cjson.decode(ARGV[1])
+redis.call('ZADD', registry, NOW, a.member)
 return NOW
