@@ -4,7 +4,8 @@ Two kinds, with the same small surface (``start()``, ``stop()``, ``url``, contex
 manager):
 
 * :class:`RedisProcess` runs a real ``redis-server`` as a child process on a free
-  loopback port. It is what the tests require and what the demo prefers.
+  loopback port (started, stopped and reaped by ``corral.children``). It is what the
+  tests require and what the demo prefers.
 * :class:`EmbeddedRedis` serves ``fakeredis`` over TCP from a background thread,
   for machines without ``redis-server``. It needs the optional ``embedded`` extra
   (``fakeredis[lua]``), which is imported only when one is started.
