@@ -59,7 +59,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +70,6 @@ from typing import Any
 import fault_report
 import httpx
 import orjson
-import psutil
 from faults import (
     DISRUPTIONS,
     Disruption,
@@ -84,6 +82,7 @@ from faults import (
 from redis.asyncio import Redis
 
 from corral import keys
+from corral.children import Child, stop_all
 from corral.tooling.redis_proc import RedisProcess, free_port
 
 MODEL = "chaos:latest"
@@ -180,70 +179,18 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-class Child:
-    """One process (in its own session, so a kill takes its children too) and its log.
-
-    Every incarnation of a name appends to the same log, after a marker line.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        log_dir: Path,
-        t0: float,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_dir / f"{name}.log"
-        with self.log_path.open("ab") as log:
-            stamp = f"{time.time() - t0:.3f}"
-            log.write(f"===== chaos: starting {name} at t={stamp}s =====\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**_child_env(), **(env or {})},
-                start_new_session=True,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-        self.started = time.monotonic()
-        _CHILDREN.append(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the process and everything it started, as a crash of its host would."""
-        if self.popen.poll() is None:
-            # Not reaped yet, so its pid (and the group id) cannot belong to anyone else.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=10)
-        # What it left behind (an RQ worker whose scheduler died) is still in its session.
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, OSError):
-                if proc.pid != self.popen.pid and os.getsid(proc.pid) == self.popen.pid:
-                    proc.kill()
-
-    def terminate(self) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-
-    def wait_or_kill(self, timeout: float) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=max(timeout, 0.05))
-        self.kill()  # the rest of its group (an RQ worker child) goes too
+def start_child(
+    name: str, argv: list[str], log_dir: Path, t0: float, env: dict[str, str] | None = None
+) -> Child:
+    """One process in its own session (so a kill takes its children too), logging to
+    ``<name>.log``: every incarnation of a name appends to it, after a marker line."""
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        log.write(f"===== chaos: starting {name} at t={time.time() - t0:.3f}s =====\n".encode())
+    env = {**_child_env(), **(env or {})}
+    child = Child(name, argv, log=log_path, env=env, cwd=Path(__file__).resolve().parents[1])
+    _CHILDREN.append(child)
+    return child
 
 
 def kill_all_children() -> None:
@@ -406,7 +353,7 @@ class Chaos:
                 "--fail-rate", str(self.p.fail_rate), "--seed", str(self.seed * 100 + n),
                 "--max-queue", "1024",
             )  # fmt: skip
-            self.fakes[node] = (Child(f"fake-{node}", argv, self.log_dir, self.t0), port)
+            self.fakes[node] = (start_child(f"fake-{node}", argv, self.log_dir, self.t0), port)
         for node, (_, port) in self.fakes.items():
             await self.until(
                 lambda port=port: _http_ok(f"http://127.0.0.1:{port}/api/version"),
@@ -433,7 +380,7 @@ class Chaos:
             "--node-id", node, "--num-parallel", str(self.p.slots), *COMMON, *WORKER,
         )  # fmt: skip
         env = self.faults.clock_env(node)
-        self.workers[node] = Child(f"worker-{node}", argv, self.log_dir, self.t0, env)
+        self.workers[node] = start_child(f"worker-{node}", argv, self.log_dir, self.t0, env)
         if env:
             # Lasts as long as this process: to the end of the run unless it is killed.
             self.disrupted(
@@ -442,14 +389,14 @@ class Chaos:
 
     def start_scheduler(self, name: str) -> None:
         argv = corral("scheduler", "--redis-url", self.redis_url, *COMMON, *SCHEDULER)
-        self.schedulers[name] = Child(f"scheduler-{name}", argv, self.log_dir, self.t0)
+        self.schedulers[name] = start_child(f"scheduler-{name}", argv, self.log_dir, self.t0)
 
     def start_gateway(self) -> None:
         argv = corral(
             "gateway", "--redis-url", self.redis_url, "--port", str(self.gateway_port),
             *COMMON, *GATEWAY,
         )  # fmt: skip
-        self.gateway = Child("gateway", argv, self.log_dir, self.t0)
+        self.gateway = start_child("gateway", argv, self.log_dir, self.t0)
 
     async def wait_gateway(self) -> None:
         url = self.gateway_url + "/healthz"
@@ -469,11 +416,7 @@ class Chaos:
             [fake for fake, _ in self.fakes.values()],
         ]
         for group in groups:
-            for child in group:
-                child.terminate()
-            deadline = time.monotonic() + 8
-            for child in group:
-                child.wait_or_kill(deadline - time.monotonic())
+            stop_all(group, 8)
         kill_all_children()
         if self.redis is not None:
             self.redis.stop()
@@ -547,7 +490,7 @@ class Chaos:
             for node, (fake, _) in list(self.fakes.items()):
                 if not fake.alive:
                     self._exited(fake)
-                    self.fakes[node] = (Child(fake.name, fake.argv, self.log_dir, self.t0), _)
+                    self.fakes[node] = (start_child(fake.name, fake.argv, self.log_dir, self.t0), _)
 
     def _exited(self, child: Child) -> None:
         self.crashes[child.name] += 1

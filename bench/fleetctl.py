@@ -4,7 +4,8 @@ Redis (``corral.tooling.redis_proc.RedisProcess``, never the one on 6379), fake 
 one worker per node, a gateway and a scheduler each run as their own ``corral ...``
 subprocess in their own session. Readiness is polled with a deadline: a fake answers
 ``/api/version``, a worker's heartbeat is in Redis, the gateway's ``/healthz`` answers
-and counts the nodes. ``stop()`` sends SIGTERM, waits, then SIGKILLs what is left.
+and counts the nodes. ``stop()`` sends SIGTERM, waits, then SIGKILLs what is left
+(``corral.children``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,13 +23,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import orjson
 import psutil
 import redis as redis_sync
 
 from corral import keys
+from corral.children import Child, stop_all
 from corral.tooling.redis_proc import RedisProcess, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -79,50 +80,22 @@ def _http_ok(url: str, timeout: float = 1.0) -> bytes | None:
         return None
 
 
-class Proc:
-    """One child process with its log file."""
+class Proc(Child):
+    """One child process of the fleet (its own session, its log file), with what the
+    benchmarks read of it: CPU, memory, the problems it logged."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.argv = argv
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=_child_env(),
-            start_new_session=True,
-        )
-        self.ps = psutil.Process(self.popen.pid)
+        self.log_file = log_dir / f"{name}.log"
+        super().__init__(name, argv, log=self.log_file, env=_child_env())
+        self.ps = psutil.Process(self.pid)
         _LIVE.add(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def check_alive(self) -> None:
-        if not self.alive:
-            code = self.popen.returncode
-            raise RuntimeError(f"{self.name} exited with code {code}; log:\n{self.log_tail()}")
-
-    def log_tail(self, limit: int = 3000) -> str:
-        try:
-            return self.log_path.read_bytes()[-limit:].decode(errors="replace")
-        except OSError:
-            return ""
 
     def log_problems(self, limit: int = 5) -> list[tuple[str, int]]:
         """The most frequent WARNING/ERROR/Traceback lines of the log, timestamps removed."""
         counts: dict[str, int] = {}
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = self.log_file.read_text(errors="replace")
         except OSError:
             return []
         for line in text.splitlines():
@@ -152,29 +125,13 @@ class Proc:
             return 0
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait()
-        self._log.close()
+        """SIGKILL it and its group, as a crash would."""
+        super().kill()
         _LIVE.discard(self)
-
-    def terminate(self) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float) -> None:
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        # Whatever it left behind in its session (uvicorn workers) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self._log.close()
-        _LIVE.discard(self)
+        """After ``terminate()``: up to ``timeout`` seconds to exit, then SIGKILL."""
+        self.stop(timeout)
 
 
 def corral_argv(*args: str) -> list[str]:
@@ -285,7 +242,7 @@ class Fleet:
         port = free_port()
         proc = Proc(f"fake-{name}", corral_argv(*spec.argv(port)), self.log_dir)
         url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: _http_ok(url + "/api/version") is not None, proc, f"fake {name}")
+        proc.wait_until(lambda: _http_ok(url + "/api/version"), START_DEADLINE, f"fake {name}")
         return proc, url
 
     def add_node(
@@ -328,9 +285,9 @@ class Fleet:
         worker = node.worker
         assert worker is not None
         try:
-            _wait_for(
+            worker.wait_until(
                 lambda: client.zscore(keys.NODES, node.node_id) is not None,
-                worker,
+                START_DEADLINE,
                 f"worker {node.node_id}",
             )
         finally:
@@ -354,7 +311,7 @@ class Fleet:
             raw = _http_ok(self.gateway_url + "/healthz")
             return raw is not None and int(orjson.loads(raw).get("nodes", 0)) >= expect_nodes
 
-        _wait_for(ready, gw, "gateway")
+        gw.wait_until(ready, START_DEADLINE, "gateway")
         return self.gateway_url
 
     def wait_gateway_nodes(self, count: int) -> None:
@@ -365,7 +322,7 @@ class Fleet:
             raw = _http_ok(self.gateway_url + "/healthz")
             return raw is not None and int(orjson.loads(raw).get("nodes", -1)) == count
 
-        _wait_for(ready, gw, f"gateway to see {count} node(s)")
+        gw.wait_until(ready, START_DEADLINE, f"gateway to see {count} node(s)")
 
     def start_scheduler(self, args: list[str] | None = None) -> Proc:
         argv = corral_argv(
@@ -411,35 +368,11 @@ class Fleet:
         procs += [n.worker for n in self.nodes if n.worker is not None]
         if self.scheduler is not None:
             procs.append(self.scheduler)
-        for proc in procs:
-            proc.terminate()
-        deadline = time.monotonic() + 10
-        for proc in procs:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        fakes = [n.fake for n in self.nodes]
-        for proc in fakes:
-            proc.terminate()
-        deadline = time.monotonic() + 10
-        for proc in fakes:
-            proc.wait(max(0.1, deadline - time.monotonic()))
+        stop_all(procs, 10)
+        stop_all([n.fake for n in self.nodes], 10)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
-
-
-def _wait_for(check: Any, proc: Proc, what: str, deadline_s: float = START_DEADLINE) -> None:
-    deadline = time.monotonic() + deadline_s
-    interval = 0.02
-    while True:
-        proc.check_alive()
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{what} not ready after {deadline_s:g}s; log tail:\n{proc.log_tail()}"
-            )
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.2)
 
 
 class CpuSampler:

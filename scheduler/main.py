@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import subprocess
 import sys
 
 from redis import Redis as SyncRedis
 
 from corral import connections, logs, signals
+from corral.children import Child
 from corral.cli import run_command
 from corral.scheduler.daemon import Scheduler
 from corral.settings import SchedulerSettings
 from corral.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+RQ_WORKER_GRACE = 10.0
+"""Seconds the RQ worker has to finish its job in hand when the scheduler stops."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(settings: SchedulerSettings) -> None:
     redis = connections.pooled(settings.redis_url, 8)
     rq_redis = SyncRedis.from_url(settings.redis_url)
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[Child] = []
     supervisor = asyncio.create_task(supervise_rq_worker(settings, children))
     try:
         await connections.ping(redis)
@@ -45,46 +48,34 @@ async def serve(settings: SchedulerSettings) -> None:
     finally:
         await cancel_and_wait(supervisor)
         for child in children:
-            await stop_child(child)
+            await child.stop_async(RQ_WORKER_GRACE)  # RQ's warm shutdown: the job in hand ends
         rq_redis.close()
         await redis.aclose()
 
 
-async def supervise_rq_worker(
-    settings: SchedulerSettings, children: list[subprocess.Popen[bytes]]
-) -> None:
+async def supervise_rq_worker(settings: SchedulerSettings, children: list[Child]) -> None:
     """Keep one RQ worker child alive: it exits on some Redis errors, and a dead one
     would leave retries waiting forever."""
     if not settings.rq_worker:
         return
     while True:
-        if not children or children[-1].poll() is not None:
+        if not children or not children[-1].alive:
             if children:
                 log.warning("RQ worker exited (%s); starting a new one", children[-1].returncode)
                 children.clear()
-            children.append(start_rq_worker(settings))
+            children.append(await asyncio.to_thread(start_rq_worker, settings))
         await asyncio.sleep(max(settings.interval, 0.5))  # a supervision period
 
 
-def start_rq_worker(settings: SchedulerSettings) -> subprocess.Popen[bytes]:
-    """The RQ worker that runs retry jobs, as a child (RQ wants the main thread's signals)."""
-    command = [
-        sys.executable,
-        "-m",
-        "corral.scheduler.rq_worker",
-        "--redis-url",
-        settings.redis_url,
-    ]
-    return subprocess.Popen([*command, "--log-level", settings.log_level])
+def start_rq_worker(settings: SchedulerSettings) -> Child:
+    """The RQ worker that runs retry jobs, as a child (RQ wants the main thread's signals).
 
-
-async def stop_child(child: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    child.terminate()  # RQ's warm shutdown: finish the job in hand
-    try:
-        await asyncio.to_thread(child.wait, grace)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        await asyncio.to_thread(child.wait)
+    It stays in our process group, as systemd's cgroup would keep it: a SIGKILL of the
+    scheduler's group (a crash of its host, in the chaos run) takes it too.
+    """
+    command = [sys.executable, "-m", "corral.scheduler.rq_worker"]
+    command += ["--redis-url", settings.redis_url, "--log-level", settings.log_level]
+    return Child("rq-worker", command, own_session=False)
 
 
 if __name__ == "__main__":

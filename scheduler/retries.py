@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 from rq import Queue
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
 from corral import keys
@@ -35,6 +35,9 @@ LOST_AFTER = 60.0
 
 PENDING = frozenset({"scheduled", "queued", "started", "deferred"})
 """RQ job states in which the retry is still on its way."""
+
+RELEASE_BATCH = 1000
+"""Most retries one pass releases; the rest go on the next pass."""
 
 
 def rq_job_id(job_id: str, attempt: int) -> str:
@@ -96,8 +99,8 @@ class RetryScheduler:
 
         The active scheduler does this itself (its lease makes it the only one) rather
         than relying on the RQ worker's scheduler, whose lock outlives a killed holder by
-        a minute. Enqueue and removal go in one transaction, so a retry is neither lost
-        nor run twice.
+        a minute. A retry is never run twice (see ``_release_due``); one whose release
+        died halfway is found by ``sweep_lost``.
         """
         return await asyncio.to_thread(self._release_due)
 
@@ -131,28 +134,37 @@ class RetryScheduler:
         return lost
 
     def _rq_status(self, job_id: str, attempt: int) -> str | None:
+        rq_id = rq_job_id(job_id, attempt)
         try:
-            job = Job.fetch(rq_job_id(job_id, attempt), connection=self.queue.connection)
+            job = Job.fetch(rq_id, connection=self.queue.connection)
         except NoSuchJobError:
             return None
         status = job.get_status(refresh=False)
+        if status == JobStatus.SCHEDULED and rq_id not in self.queue.scheduled_job_registry:
+            return "stranded"  # taken off the registry by a release that died before enqueueing
         return None if status is None else str(status.value)
 
     def _release_due(self) -> int:
-        registry = ScheduledJobRegistry(queue=self.queue)  # type: ignore[no-untyped-call]
-        seconds, _ = self.queue.connection.time()  # Redis's clock, as when it was scheduled
-        due = registry.get_jobs_to_schedule(int(seconds))
-        for job_id in due:
+        """Through RQ's public registry API: ``requeue`` moves one job from the registry
+        to its queue, and only the caller whose removal from the registry succeeded
+        enqueues it, so a retry released by two schedulers at once still runs once."""
+        registry: ScheduledJobRegistry = self.queue.scheduled_job_registry
+        now, _ = self.queue.connection.time()  # Redis's clock, as when it was scheduled
+        released = 0
+        for rq_id in registry.get_job_ids(0, RELEASE_BATCH - 1):  # the soonest due first
             try:
-                job = Job.fetch(job_id, connection=self.queue.connection)
+                if registry.get_scheduled_time(rq_id).timestamp() > now:
+                    break
+                registry.requeue(rq_id)
+            except InvalidJobOperation:
+                continue  # released meanwhile by another scheduler
             except NoSuchJobError:
-                registry.remove(job_id)
+                # Its RQ job was deleted (by hand, say): drop the entry; sweep_lost
+                # schedules the retry again.
+                registry.remove(rq_id)
                 continue
-            with self.queue.connection.pipeline() as pipe:
-                self.queue.enqueue_job(job, pipeline=pipe)
-                registry.remove(job, pipeline=pipe)
-                pipe.execute()
-        return len(due)
+            released += 1
+        return released
 
     async def _schedule(self, job_id: str) -> None:
         model, attempts, limit = await self.redis.hmget(

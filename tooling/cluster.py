@@ -94,12 +94,12 @@ class LocalScheduler:
             self.child = start_rq_worker(self.settings)
 
     async def stop(self) -> None:
-        from corral.scheduler.main import stop_child
+        from corral.scheduler.main import RQ_WORKER_GRACE
 
         self.scheduler.request_stop()
         await asyncio.wait([self.task])
         if self.child is not None:
-            await stop_child(self.child)
+            await self.child.stop_async(RQ_WORKER_GRACE)
         self.rq_redis.close()
         await self.redis.aclose()
 

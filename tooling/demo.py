@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import httpx
 import ollama
 from ollama import ProcessResponse
 
+from corral.children import Child, stop_all
 from corral.keys import FINAL_STATES, JobState
 from corral.tooling.redis_proc import EmbeddedRedis, RedisProcess, free_port, start_best_redis
 
@@ -79,25 +79,6 @@ class FleetDown(Exception):
 # ------------------------------------------------------------------------ processes
 
 
-@dataclass(slots=True)
-class Child:
-    """One fleet process, its output going to a log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def exit_code(self) -> int | None:
-        return self.proc.poll()
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(log unreadable: {exc})"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
 def child_env(redis_url: str) -> dict[str, str]:
     """This environment minus any CORRAL_* settings, plus the demo's Redis.
 
@@ -111,34 +92,10 @@ def child_env(redis_url: str) -> dict[str, str]:
 
 
 def spawn(name: str, args: list[str], logdir: Path, env: dict[str, str]) -> Child:
-    log_path = logdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "corral.cli", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            # Its own session: a Ctrl-C in the terminal reaches only the demo, which then
-            # stops the fleet in order (a worker hit twice would skip its graceful drain).
-            start_new_session=True,
-        )
-    return Child(name, proc, log_path)
-
-
-def stop_children(children: list[Child], timeout: float) -> None:
-    """SIGTERM them all, wait up to ``timeout`` in total, SIGKILL whoever is left."""
-    for child in children:
-        if child.exit_code() is None:
-            child.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"  {child.name} ignored SIGTERM for {timeout:g}s: killing it")
-            child.proc.kill()
-            child.proc.wait()
+    # Its own session (Child's default): a Ctrl-C in the terminal reaches only the demo,
+    # which then stops the fleet in order (a worker hit twice would skip its graceful drain).
+    argv = [sys.executable, "-m", "corral.cli", *args]
+    return Child(name, argv, log=logdir / f"{name}.log", env=env)
 
 
 # ---------------------------------------------------------------------------- fleet
@@ -205,7 +162,7 @@ class DemoFleet:
 
     def check_alive(self) -> None:
         for child in self.children:
-            code = child.exit_code()
+            code = child.returncode
             if code is not None:
                 raise FleetDown(f"{child.name} exited with code {code}")
 
@@ -231,14 +188,12 @@ class DemoFleet:
         """Gateway, workers and scheduler first (workers hand back jobs through Redis and
         need their Ollama while draining), then the nodes, then Redis."""
         try:
-            stop_children(self.daemons, STOP_TIMEOUT)
-            stop_children(self.nodes, STOP_TIMEOUT)
+            stop_all(self.daemons, STOP_TIMEOUT)
+            stop_all(self.nodes, STOP_TIMEOUT)
         except KeyboardInterrupt:
             print("  interrupted again: killing what is left")
             for child in self.children:
-                if child.exit_code() is None:
-                    child.proc.kill()
-                    child.proc.wait()
+                child.kill()
         finally:
             if self.redis is not None:
                 self.redis.stop()
@@ -246,8 +201,8 @@ class DemoFleet:
     def print_logs(self) -> None:
         print(f"\nlogs of every process are in {self.logdir}")
         for child in self.children:
-            print(f"--- {child.name} (last lines of {child.log_path.name}) ---")
-            print(child.tail())
+            print(f"--- {child.name} (last lines of {child.name}.log) ---")
+            print(child.log_tail(LOG_TAIL_LINES) or "(empty log)")
 
 
 def describe_redis(server: RedisProcess | EmbeddedRedis) -> str:

@@ -4,7 +4,8 @@ Two kinds, with the same small surface (``start()``, ``stop()``, ``url``, contex
 manager):
 
 * :class:`RedisProcess` runs a real ``redis-server`` as a child process on a free
-  loopback port. It is what the tests require and what the demo prefers.
+  loopback port (started, stopped and reaped by ``corral.children``). It is what the
+  tests require and what the demo prefers.
 * :class:`EmbeddedRedis` serves ``fakeredis`` over TCP from a background thread,
   for machines without ``redis-server``. It needs the optional ``embedded`` extra
   (``fakeredis[lua]``), which is imported only when one is started.
@@ -21,18 +22,21 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, Self
 from urllib.parse import quote
+
+import redis as redis_sync
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from corral.children import Child, ChildExited
 
 if TYPE_CHECKING:
     from fakeredis import TcpFakeServer
@@ -103,46 +107,25 @@ def free_port(host: str = HOST) -> int:
             return port
 
 
-def _resp(*parts: str) -> bytes:
-    """One command in the Redis protocol (RESP): an array of bulk strings."""
-    encoded = [part.encode() for part in parts]
-    return b"*%d\r\n" % len(encoded) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
-    )
-
-
 def _ping(host: str, port: int, timeout: float, auth: tuple[str, str] | None = None) -> bool:
-    """True when a RESP server on ``host:port`` answers ``+PONG`` (not ``-LOADING``).
-
-    With ``auth`` (user, password) it authenticates first: a server whose default user
-    is off answers an unauthenticated PING with ``-NOAUTH``, and a failed AUTH makes the
-    PING fail the same way.
-    """
-    request = _resp("PING") if auth is None else _resp("AUTH", *auth) + _resp("PING")
-    replies = 1 if auth is None else 2
+    """True when Redis on ``host:port`` answers PING (not ``-LOADING``), as ``auth``'s user
+    if given (a server whose default user is off refuses an unauthenticated PING)."""
+    user, password = auth if auth is not None else (None, None)
+    client = redis_sync.Redis(
+        host=host,
+        port=port,
+        username=user,
+        password=password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),  # the caller polls; a retry would only hide an exit
+    )
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(request)
-            reply = b""
-            while reply.count(b"\r\n") < replies:
-                chunk = sock.recv(64)
-                if not chunk:
-                    return False
-                reply += chunk
-            return reply.split(b"\r\n")[replies - 1].startswith(b"+PONG")
-    except OSError:
+        return bool(client.ping())
+    except redis_sync.RedisError:
         return False
-
-
-def _wait_until(check: Callable[[], bool], deadline: float, what: str) -> None:
-    """Poll ``check`` with a short, growing interval until it is true or time is up."""
-    interval = 0.005
-    while not check():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RedisStartError(f"{what} did not answer PING in time")
-        time.sleep(min(interval, remaining))
-        interval = min(interval * 2, 0.1)
+    finally:
+        client.close()
 
 
 # Every running process is remembered until it is reaped, so that an interpreter
@@ -208,7 +191,7 @@ class RedisProcess:
         self._port_fixed = port is not None
         self._dir: Path | None = Path(dir) if dir is not None else None
         self._owns_dir = dir is None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
         self._log: IO[bytes] | None = None
 
     # -- properties
@@ -237,11 +220,11 @@ class RedisProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.alive
 
     # -- lifecycle
 
@@ -304,45 +287,35 @@ class RedisProcess:
         return cmd
 
     def _launch(self, executable: str) -> None:
-        cmd = self._command(executable)
+        port = self.port
         # The log is an unlinked temp file: readable for error reports, gone on close.
         self._log = tempfile.TemporaryFile(prefix="corral-redis-log-")  # noqa: SIM115
-        log.debug("starting %s", " ".join(cmd))
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self._dir,
-            # Its own session: a Ctrl-C meant for us must not kill Redis under a
-            # demo that is still draining; we stop it ourselves.
-            start_new_session=True,
+        # Its own session (Child's default): a Ctrl-C meant for us must not kill Redis
+        # under a demo that is still draining; we stop it ourselves.
+        self._child = child = Child(
+            "redis-server", self._command(executable), log=self._log, cwd=self._dir
         )
         _LIVE.add(self)
         _register_atexit()
-        proc = self._proc
-        port = self.port
-
-        def answered() -> bool:
-            if proc.poll() is not None:
-                raise RedisStartError(
-                    f"redis-server exited with code {proc.returncode} on port {port}:\n"
-                    f"{self._log_tail()}"
-                )
-            return _ping(HOST, port, timeout=0.5, auth=self.auth)
-
         try:
-            _wait_until(
-                answered, time.monotonic() + self.startup_timeout, f"redis-server on port {port}"
+            child.wait_until(
+                lambda: _ping(HOST, port, timeout=0.5, auth=self.auth),
+                self.startup_timeout,
+                f"redis-server on port {port} answering PING",
             )
-        except BaseException as exc:
-            exited = proc.poll() is not None
-            tail = "" if exited else self._log_tail()
+        except ChildExited:
+            tail = self._log_tail()
             self._terminate(graceful=False)
-            if exited or not isinstance(exc, RedisStartError):
-                raise
-            raise RedisStartError(f"{exc}; its log:\n{tail}") from None
-        log.debug("redis-server pid %s ready at %s", proc.pid, self.url)
+            raise RedisStartError(
+                f"redis-server exited with code {child.returncode} on port {port}:\n{tail}"
+            ) from None
+        except BaseException as exc:
+            tail = self._log_tail()
+            self._terminate(graceful=False)
+            if isinstance(exc, TimeoutError):
+                raise RedisStartError(f"{exc}; its log:\n{tail}") from None
+            raise
+        log.debug("redis-server pid %s ready at %s", child.pid, self.url)
 
     def _log_tail(self, limit: int = 4000) -> str:
         if self._log is None or self._log.closed:
@@ -356,24 +329,16 @@ class RedisProcess:
             return ""
 
     def _terminate(self, *, graceful: bool) -> None:
-        """End the process (SIGTERM then SIGKILL, or SIGKILL at once) and reap it."""
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is None:
-                if graceful:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=self.stop_timeout)
-                    except subprocess.TimeoutExpired:
-                        log.warning("redis-server pid %s ignored SIGTERM; killing", proc.pid)
-                        proc.kill()
-                else:
-                    proc.kill()
-            proc.wait()
+        """Stop the process (SIGTERM, then SIGKILL after ``stop_timeout``) or kill it."""
+        if self._child is not None:
+            if graceful:
+                self._child.stop(self.stop_timeout)
+            else:
+                self._child.kill()
         self._reap()
 
     def _reap(self) -> None:
-        self._proc = None
+        self._child = None
         _LIVE.discard(self)
         if self._log is not None:
             self._log.close()
@@ -421,10 +386,9 @@ class EmbeddedRedis:
     process, no persistence. Requires ``fakeredis[lua]`` (the ``embedded`` extra).
     """
 
-    def __init__(self, *, port: int | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(self, *, port: int | None = None) -> None:
         if port == _DEFAULT_REDIS_PORT:
             raise ValueError("refusing port 6379: it belongs to a Redis that is not ours")
-        self.startup_timeout = startup_timeout
         self._requested_port = port
         self._port: int | None = None
         self._server: TcpFakeServer | None = None
@@ -488,17 +452,13 @@ class EmbeddedRedis:
             daemon=True,
         )
         self._thread.start()
-        port = self._port
+        # The socket listens from the constructor on, so this first round trip is served
+        # as soon as the thread runs: it is the readiness check.
         try:
-            _wait_until(
-                lambda: _ping(HOST, port, timeout=0.5),
-                time.monotonic() + self.startup_timeout,
-                f"embedded Redis on port {port}",
-            )
+            self.preload_scripts()
         except BaseException:
             self.stop()
             raise
-        self.preload_scripts()
         log.debug("embedded Redis ready at %s", self.url)
         return self
 
