@@ -7,6 +7,7 @@ and the shared core never imports a process package at import time.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from corral import __version__
@@ -57,8 +58,23 @@ def command_first(args: list[str]) -> list[str]:
     return args
 
 
+NEEDS: dict[str, tuple[str, str]] = {
+    "demo": ("ollama", "demo"),
+}
+"""Commands that need an optional dependency: (the module, the extra that installs it)."""
+
+
 def run_command(name: str, argv: list[str]) -> int:
     """Run one subcommand; bad settings are reported one line each, exit status 2."""
+    if name in NEEDS:
+        needed, extra = NEEDS[name]
+        if importlib.util.find_spec(needed) is None:
+            print(
+                f"corral {name}: needs the {needed!r} package, which a plain install lacks: "
+                f"pip install 'corral[{extra}]' (make demo installs it)",
+                file=sys.stderr,
+            )
+            return 2
     module = importlib.import_module(COMMANDS[name][0])
     try:
         result: int = module.main(argv)

@@ -94,6 +94,10 @@ def output(job_id: str) -> str:
 RETRY_INBOX = f"{PREFIX}:retry:inbox"
 """List of job ids waiting for the scheduler to schedule their retry (through RQ)."""
 
+RETRY_PROCESSING = f"{RETRY_INBOX}:processing"
+"""List: ids the active scheduler took from the retry inbox and is scheduling; a pass that
+died midway leaves them here, and the next pass puts them back in the inbox."""
+
 RETRY_SCHEDULED = f"{PREFIX}:retry:scheduled"
 """Sorted set: job ids whose retry is scheduled in RQ, scored by when it is due (Redis
 time). The scheduler checks the overdue ones, so a retry whose RQ job was lost is

@@ -26,7 +26,6 @@ from corral.connections import server_time, text
 
 log = logging.getLogger(__name__)
 
-PROCESSING = f"{keys.RETRY_INBOX}:processing"
 DEAD_LETTER_TTL = 30 * 24 * 3600
 """Seconds RQ keeps a dead-lettered job in its FailedJobRegistry."""
 
@@ -79,7 +78,7 @@ class RetryScheduler:
 
     async def recover(self) -> None:
         """Put back ids a previous active scheduler took but did not finish scheduling."""
-        while await self.redis.lmove(PROCESSING, keys.RETRY_INBOX, "RIGHT", "LEFT"):
+        while await self.redis.lmove(keys.RETRY_PROCESSING, keys.RETRY_INBOX, "RIGHT", "LEFT"):
             pass
 
     async def drain(self) -> int:
@@ -87,10 +86,11 @@ class RetryScheduler:
         # scheduler drains, one pass at a time, so none of them is being scheduled now.
         await self.recover()
         scheduled = 0
-        while raw := await self.redis.lmove(keys.RETRY_INBOX, PROCESSING, "LEFT", "RIGHT"):
+        inbox, processing = keys.RETRY_INBOX, keys.RETRY_PROCESSING
+        while raw := await self.redis.lmove(inbox, processing, "LEFT", "RIGHT"):
             job_id = text(raw)
             await self._schedule(job_id)
-            await self.redis.lrem(PROCESSING, 1, job_id)
+            await self.redis.lrem(keys.RETRY_PROCESSING, 1, job_id)
             scheduled += 1
         return scheduled
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,11 @@ def test_dlq_takes_its_redis_url_before_or_after_the_action(redis_url: str) -> N
         done = _corral(*args, env={"CORRAL_REDIS_URL": "redis://127.0.0.1:1/0"})
         assert done.returncode == 0, done.stderr
         assert "dead-letter queue is empty" in done.stdout
+
+
+def test_demo_without_the_ollama_client_says_which_extra_to_install(tmp_path: Path) -> None:
+    # As in a plain install: the official client cannot be imported.
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['ollama'] = None\n")
+    done = _corral("demo", env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'corral[demo]'" in done.stderr and "Traceback" not in done.stderr

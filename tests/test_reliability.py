@@ -413,7 +413,7 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
 
     from corral.jobs import JobSpec
     from corral.keys import JobKind
-    from corral.scheduler.retries import LOST_AFTER, PROCESSING, RetryScheduler, rq_job_id
+    from corral.scheduler.retries import LOST_AFTER, RetryScheduler, rq_job_id
 
     store = JobStore(redis, job_ttl=60, result_ttl=60)
     spec = JobSpec(
@@ -429,7 +429,7 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
         max_attempts=3, job_ttl=60, result_ttl=60,
     )  # fmt: skip
     # A pass that died after taking the id still has it in the processing list.
-    await redis.lmove(keys.RETRY_INBOX, PROCESSING, "LEFT", "RIGHT")
+    await redis.lmove(keys.RETRY_INBOX, keys.RETRY_PROCESSING, "LEFT", "RIGHT")
     assert await retries.drain() == 1
     rq_id = rq_job_id(spec.job_id, 1)
     assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
