@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -212,7 +213,19 @@ def render(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> str:
     lines.append("")
     for res in results.values():
         lines += [res["markdown"], ""]
+    lines += hand_written(BENCH_DIR / "RESULTS.md")
     return "\n".join(lines).rstrip() + "\n"
+
+
+HAND_WRITTEN = re.compile(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", re.DOTALL)
+"""A block of RESULTS.md written by hand (the chaos run, a before-and-after comparison):
+kept as it is when the file is rendered again."""
+
+
+def hand_written(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [block.group(0) + "\n" for block in HAND_WRITTEN.finditer(path.read_text())]
 
 
 def main(argv: list[str] | None = None) -> int:
