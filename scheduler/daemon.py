@@ -69,6 +69,9 @@ class Scheduler:
                             log.info("scheduler %s is now the active one", self.id)
                             await self.retries.recover()
                             self._was_active = True
+                            # It cannot tell a fleet whose heartbeats are old because Redis
+                            # just stalled or restarted from a dead one: a TTL of grace.
+                            self._lost_redis = True
                         await self.run_pass()
                     else:
                         self._was_active = False
@@ -117,8 +120,8 @@ class Scheduler:
             self._lost_redis = False
             self._grace_until = now + self.settings.node_ttl
             log.warning(
-                "this scheduler lost Redis for a while; no node is declared dead before "
-                "each has had %gs to heartbeat",
+                "this scheduler just became active or lost Redis for a while; no node is "
+                "declared dead before each has had %gs to heartbeat",
                 self.settings.node_ttl,
             )
 

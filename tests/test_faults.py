@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from corral import fleet, keys, loops
 from corral.jobs import JobStore
-from corral.tooling.cluster import LocalCluster
+from corral.tooling.cluster import LocalCluster, LocalScheduler
 from corral.tooling.fake_ollama import FakeOllamaConfig
 from corral.tooling.fake_ollama_text import echo_tokens
 from corral.tooling.redis_proc import RedisProcess
@@ -346,3 +346,22 @@ async def test_a_stream_pauses_while_redis_refuses_writes_and_then_completes(
 async def _refuse_for(seconds: float, refusing_writes: Callable[[bool], Awaitable[None]]) -> None:
     await asyncio.sleep(seconds)  # the length of the injected fault, not synchronisation
     await refusing_writes(False)
+
+
+async def test_a_scheduler_taking_over_gives_stale_heartbeats_one_ttl(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    # As right after a Redis stall: a live node's last heartbeat looks older than the TTL
+    # when a scheduler becomes active. It must wait a TTL, in which the node beats again.
+    cluster = await start_cluster([FakeOllamaConfig(token_rate=20)], worker={"node_ttl": 2.0})
+    node = cluster.nodes[0]
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        asked = asyncio.create_task(
+            http.post("/api/generate", json={**GENERATE, "options": {"num_predict": 60}})
+        )
+        await node.fake.fake.wait_until(lambda s: s["active"] == 1)
+        await redis.zadd(keys.NODES, {node.node_id: 1.0})  # a heartbeat from long ago
+        cluster.scheduler = LocalScheduler(cluster.redis_url, node_ttl=2.0)
+        reply = await asked
+    assert reply.status_code == 200 and reply.json()["response"].startswith("echo: hello")
+    assert await redis.hget(keys.STATS, "requeued") is None  # never taken back
