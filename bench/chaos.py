@@ -83,6 +83,7 @@ from redis.asyncio import Redis
 
 from corral import keys
 from corral.children import Child, stop_all
+from corral.tasks import cancel_and_wait
 from corral.tooling.redis_proc import RedisProcess, free_port
 
 MODEL = "chaos:latest"
@@ -1312,11 +1313,12 @@ async def main_async(args: argparse.Namespace, run: Chaos) -> int:
     finally:
         run.submitting = False
         run.submissions_over.set()
-        await asyncio.wait([chaos])
-        for task in (supervisor, registry):
-            task.cancel()
-        await asyncio.wait([supervisor, registry])
-    if chaos.exception():
+        # Bounded: a fault still running at the hard deadline is stopped, not waited for.
+        await asyncio.wait([chaos], timeout=max(1.0, run.hard_deadline - time.monotonic()))
+        # redis-py can swallow a cancellation that lands mid-command, so cancel until done.
+        for task in (chaos, supervisor, registry):
+            await cancel_and_wait(task)
+    if not chaos.cancelled() and chaos.exception():
         raise chaos.exception()  # type: ignore[misc]
     verdict = reconcile(run)
     lines, run.report = summarize(run, verdict, time.monotonic() - started)

@@ -9,8 +9,9 @@ job is put in one of three buckets:
 * ``worker_gone`` (allowed): the first completion went out on a node whose worker was
   SIGSTOPped at that moment, or SIGSTOPped or SIGKILLed within ``GONE_S`` after it, or
   SIGKILLed later but before the job started again while Redis was unavailable (stalled,
-  refusing writes or restarting) all along since the completion: no worker could record
-  it, and running the job again is the recovery, not a fault.
+  refusing writes or restarting) all along since the completion, or back for less than
+  ``RECORD_S``: no worker could record it, and running the job again is the recovery, not
+  a fault.
 * ``target``: every other one. The goal is none.
 
 A disruption hits a job when their times overlap (the disruption's effects counted for
