@@ -204,18 +204,30 @@ class Worker:
         log.info("worker %s stopped", self.node_id)
 
     async def pending_entries(self) -> int:
-        """How many stream entries are pending under this node's name."""
+        """How many stream entries are pending under this node's name (up to 100 a stream)."""
+        return sum(len(entries) for _, entries in await self._own_pending())
+
+    async def _own_pending(
+        self, *, idle: float = 0.0
+    ) -> list[tuple[tuple[str, int], list[dict[str, Any]]]]:
+        """Per existing stream of this node's models, the entries pending under its name
+        (at most 100 each) that have been idle ``idle`` seconds or more."""
         streams = await existing_streams(self.redis, self.models)
         if not streams:
-            return 0
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for model, priority in streams:
                 pipe.xpending_range(
-                    keys.stream(model, priority), keys.GROUP, min="-", max="+", count=1,
-                    consumername=self.node_id,
+                    keys.stream(model, priority), keys.GROUP, min="-", max="+", count=100,
+                    consumername=self.node_id, idle=int(idle * 1000) or None,
                 )  # fmt: skip
             found = await pipe.execute(raise_on_error=False)
-        return sum(len(entries) for entries in found if isinstance(entries, list))
+        # An error in place of a list: the stream went away meanwhile.
+        return [
+            (stream, entries)
+            for stream, entries in zip(streams, found, strict=True)
+            if isinstance(entries, list)
+        ]
 
     # -- discovery and heartbeat -----------------------------------------------------
 
@@ -650,20 +662,8 @@ class Worker:
         still be on its way back to the claim loop.
         """
         mine = {job.entry_id for _, job in self._running.values()}
-        streams = await existing_streams(self.redis, self.models)
-        if not streams:
-            return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for model, priority in streams:
-                pipe.xpending_range(
-                    keys.stream(model, priority), keys.GROUP, min="-", max="+", count=100,
-                    consumername=self.node_id, idle=int(self.stranded_after * 1000),
-                )  # fmt: skip
-            pending = await pipe.execute(raise_on_error=False)
         handed = 0
-        for (model, priority), entries in zip(streams, pending, strict=True):
-            if isinstance(entries, Exception):
-                continue  # the stream went away meanwhile
+        for (model, priority), entries in await self._own_pending(idle=self.stranded_after):
             for entry in entries:
                 entry_id = text(entry["message_id"])
                 if entry_id in mine:
