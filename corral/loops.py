@@ -90,14 +90,20 @@ class LoopHealth:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Exponential backoff with jitter between a loop's failed runs."""
+    """Exponential backoff with equal jitter: half fixed, half random, capped. One shape for
+    every wait after a failure (background loops, resubscriptions, claims, job retries)."""
 
     base: float = 0.2
     cap: float = 5.0
 
-    def delay(self, failures: int) -> float:
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """The wait after the ``failures``-th failure in a row (1 for the first)."""
         ceiling = min(self.cap, self.base * 2 ** max(failures - 1, 0))
-        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+        spread = (rng or _RANDOM).uniform(0, ceiling / 2)
+        return float(ceiling / 2 + spread)
+
+
+_RANDOM = random.Random()
 
 
 async def every(
@@ -108,7 +114,6 @@ async def every(
     *,
     stale_after: float | None = None,
     backoff: Backoff = Backoff(),
-    first_delay: float | None = None,
 ) -> None:
     """Run ``action`` every ``interval`` seconds for ever, whatever it raises.
 
@@ -117,7 +122,7 @@ async def every(
     """
     health.register(name, stale_after if stale_after is not None else max(3 * interval, 5.0))
     failures = 0
-    await asyncio.sleep(interval if first_delay is None else first_delay)  # a period
+    await asyncio.sleep(interval)  # a period
     while True:
         try:
             await action()

@@ -17,9 +17,10 @@ from rq import Queue
 from corral import keys
 from corral.connections import TRANSIENT_REDIS_ERRORS, server_time
 from corral.jobs import JobStore
+from corral.loops import Backoff
 from corral.scheduler import housekeeping, reclaim
 from corral.scheduler.lease import Lease
-from corral.scheduler.retries import Backoff, RetryScheduler
+from corral.scheduler.retries import RetryScheduler
 from corral.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)

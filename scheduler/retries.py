@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis
@@ -23,6 +22,7 @@ from rq.registry import ScheduledJobRegistry
 
 from corral import keys
 from corral.connections import server_time, text
+from corral.loops import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,6 @@ RELEASE_BATCH = 1000
 def rq_job_id(job_id: str, attempt: int) -> str:
     """The RQ job that retries (or dead-letters) ``job_id`` after ``attempt`` failed."""
     return f"corral-{job_id}-{attempt}"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with equal jitter: half fixed, half random, capped."""
-
-    base: float
-    cap: float
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        ceiling = min(self.cap, self.base * 2 ** max(attempt - 1, 0))
-        return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
 
 
 class RetryScheduler:

@@ -23,7 +23,7 @@ from rq.registry import FailedJobRegistry
 
 from corral import fleet, keys
 from corral.jobs import JobStore
-from corral.scheduler.retries import Backoff
+from corral.loops import Backoff
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
 from corral.tooling.redis_proc import free_port

@@ -15,7 +15,8 @@ from rq.job import Job, JobStatus
 from corral import keys
 from corral.jobs import JobSpec, JobStore
 from corral.keys import JobKind
-from corral.scheduler.retries import LOST_AFTER, Backoff, RetryScheduler, rq_job_id
+from corral.loops import Backoff
+from corral.scheduler.retries import LOST_AFTER, RetryScheduler, rq_job_id
 
 NOW = Backoff(0.0, 0.0)
 """A retry due at once."""
