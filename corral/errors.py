@@ -62,6 +62,12 @@ class ModelNotFound(NotFound):
         self.model = model
 
 
+class RequestTimeout(RequestError):
+    """The client took too long to send its request."""
+
+    status = 408
+
+
 class PayloadTooLarge(RequestError):
     status = 413
 

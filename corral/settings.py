@@ -143,6 +143,19 @@ class GatewaySettings(CommonSettings):
         7200.0, gt=0, description="the longest run time a request may ask for"
     )
     workers: int = Field(1, ge=1, description="gateway processes (uvicorn workers)")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client may take to send a request's headers (408)"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a client may take to send a request's body (408)"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request head (request line and headers; 431)"
+    )
+    max_headers: int = Field(100, ge=10, description="most header lines in a request (431)")
+    max_connections: int = Field(
+        4096, ge=1, description="open client connections per gateway process (503 beyond)"
+    )
 
     def resolved_gateway_id(self) -> str:
         return self.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

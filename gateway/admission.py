@@ -34,7 +34,9 @@ async def read_request(request: Request) -> Incoming:
     """Authenticate first (no body is read for a bad key), then read the JSON body."""
     state = state_of(request)
     key_priority = inputs.api_key_priority(request, state.settings)
-    body = await inputs.read_json(request, state.settings.max_body_bytes)
+    body = await inputs.read_json(
+        request, state.settings.max_body_bytes, state.settings.body_timeout
+    )
     return Incoming(state, body, key_priority)
 
 

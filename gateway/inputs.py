@@ -8,12 +8,13 @@ the app turns it into ``{"error": ...}`` (or the OpenAI shape) with its status.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 
-from corral.errors import BadRequest, PayloadTooLarge, Unauthorized
+from corral.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unauthorized
 from corral.names import normalize_model
 from corral.settings import GatewaySettings
 
@@ -22,8 +23,9 @@ TIMEOUT_HEADER = "x-corral-timeout"
 RUN_TIMEOUT_HEADER = "x-corral-run-timeout"
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, refusing more than ``limit`` bytes before reading them."""
+async def read_json(request: Request, limit: int, within: float) -> dict[str, Any]:
+    """The body as a JSON object, refusing more than ``limit`` bytes before reading them,
+    and a body that takes longer than ``within`` seconds to arrive."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -32,11 +34,15 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             raise PayloadTooLarge(f"request body too large: {declared} bytes (limit {limit})")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body too large (limit {limit} bytes)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"request body not received within {within:g}s") from exc
     body = b"".join(chunks)
     if not body.strip():
         raise BadRequest("missing request body")
@@ -46,7 +52,28 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         raise BadRequest(f"invalid JSON in request body: {exc}") from exc
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object")
+    # A job's body is stored as JSON again, and orjson writes at most MAX_DEPTH levels:
+    # refuse deeper bodies here (a 400) rather than fail when the job is built (a 500).
+    # Counting brackets first keeps the walk off every ordinary body.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise BadRequest(f"request body nests JSON deeper than {MAX_DEPTH} levels")
     return value
+
+
+MAX_DEPTH = 250
+"""How deeply a request body may nest arrays and objects (orjson writes up to 254)."""
+
+
+def _depth(value: object) -> int:
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            level.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            level.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def api_key_priority(request: Request, settings: GatewaySettings) -> int | None:

@@ -13,6 +13,7 @@ from uvicorn.supervisors import Multiprocess
 from corral import logs
 from corral.cli import run_command
 from corral.gateway.app import create_app
+from corral.gateway.connection_guard import ConnectionLimits, GuardedConfig
 from corral.netutil import listen_socket
 from corral.settings import GatewaySettings
 
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_graceful_shutdown": 30,
         "backlog": 4096,
     }
+    limits = connection_limits(settings)
     if settings.workers == 1:
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, **options))
+        server = uvicorn.Server(GuardedConfig(app, limits=limits, **options))
         app.on_failure = lambda: setattr(server, "should_exit", True)
         server.run(sockets=[sock])
         return 1 if app.failure else 0
@@ -46,11 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in settings.model_dump().items():
         if name != "gateway_id":
             os.environ[f"CORRAL_{name.upper()}"] = str(value)
-    config = uvicorn.Config(
-        "corral.gateway.main:app_from_env", factory=True, workers=settings.workers, **options
+    config = GuardedConfig(
+        "corral.gateway.main:app_from_env",
+        limits=limits,
+        factory=True,
+        workers=settings.workers,
+        **options,
     )
     Multiprocess(config, sockets=[sock]).run()
     return 0
+
+
+def connection_limits(settings: GatewaySettings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout=settings.header_timeout,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        max_connections=settings.max_connections,
+    )
 
 
 def app_from_env() -> object:

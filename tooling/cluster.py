@@ -42,14 +42,21 @@ class LocalNode:
 class LocalGateway:
     def __init__(self, settings: GatewaySettings) -> None:
         from corral.gateway.app import create_app
+        from corral.gateway.connection_guard import GuardedConfig
+        from corral.gateway.main import connection_limits
 
         self.settings = settings
         self.app = create_app(settings)
         self.sock = listen_socket("127.0.0.1", 0)
         self.port = int(self.sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="on", backlog=4096
+        config = GuardedConfig(
+            self.app,
+            limits=connection_limits(settings),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            backlog=4096,
         )
         self.server = uvicorn.Server(config)
         self.app.on_failure = lambda: setattr(self.server, "should_exit", True)
