@@ -79,23 +79,31 @@ class GuardedHttpTools(HttpToolsProtocol):
             return
         super().data_received(data)
 
+    # The parser says where a head begins and ends; ``_measure`` only counts bytes, up to
+    # the first head end in a read, so the body that follows in the same read is not
+    # counted as head.
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if not self._in_head:  # the next request on a kept-alive connection
-            self._in_head = True
-            self._head_bytes = self._head_lines = 0
-            self._tail = b""
+        self._in_head = True
+        if self._deadline is None:  # the next request on a kept-alive connection
             self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = self._head_lines = 0
+        self._tail = b""
+        self._disarm()
+        super().on_headers_complete()
 
     def _measure(self, data: bytes) -> bool:
         """Count this read's share of the head; False (and refused) past a limit."""
-        if self._deadline is None:
-            self._arm()
         joined = self._tail + data
         end = joined.find(_HEAD_END)
         used = len(data) if end < 0 else max(0, end + len(_HEAD_END) - len(self._tail))
         self._head_bytes += used
         self._head_lines += data.count(b"\n", 0, used)
+        self._tail = joined[-(len(_HEAD_END) - 1) :]
         limits = self.limits
         if self._head_bytes > limits.max_header_bytes:
             self._refuse(431, f"request headers too large (limit {limits.max_header_bytes} bytes)")
@@ -104,12 +112,6 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self._head_lines > limits.max_headers + 2:
             self._refuse(431, f"too many request headers (limit {limits.max_headers})")
             return False
-        if end < 0:
-            self._tail = joined[-(len(_HEAD_END) - 1) :]
-        else:
-            self._in_head = False
-            self._tail = b""
-            self._disarm()
         return True
 
     def _arm(self) -> None:
@@ -123,6 +125,8 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if not self._in_head:
+            return
         timeout = self.limits.header_timeout
         self._refuse(408, f"request headers not received within {timeout:g}s")
 

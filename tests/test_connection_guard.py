@@ -161,6 +161,31 @@ async def test_kept_alive_connections_and_split_heads_are_not_refused(
     writer.close()
 
 
+async def test_a_request_longer_than_the_header_timeout_is_not_cut(
+    start_cluster: object,
+) -> None:
+    """The header timeout covers the head only: a POST whose body comes in a later read and
+    whose answer takes longer than the timeout is answered in full."""
+    fleet: LocalCluster = await start_cluster(  # type: ignore[operator]
+        [FakeOllamaConfig(num_parallel=2, token_rate=10)], gateway={"header_timeout": 0.5}
+    )
+    reader, writer = await _open(fleet.url)
+    body = orjson.dumps(
+        {"model": "llama3", "prompt": "slow", "stream": False, "options": {"num_predict": 15}}
+    )
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nHost: corral\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the body in a read of its own
+    writer.write(body)
+    async with asyncio.timeout(20):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    writer.close()
+
+
 async def test_a_slow_body_gets_408(start_cluster: object) -> None:
     fleet = await _fleet(start_cluster, body_timeout=1.0)
     reader, writer = await _open(fleet.url)
