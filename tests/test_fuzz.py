@@ -4,8 +4,7 @@ not, may make the gateway fail (5xx), in either dialect or the job API.
 The fleet (fake Ollama, worker, gateway) runs in its own thread and event loop, so the
 fuzzer's blocking HTTP calls reach it over real sockets. The number of examples per
 operation and mode is ``CORRAL_FUZZ_EXAMPLES`` (default 40: 720 requests, about 20 s
-here); set it higher
-for a longer run.
+here); set it higher for a longer run.
 """
 
 from __future__ import annotations
