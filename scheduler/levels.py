@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from corral import keys
 from corral.connections import text
@@ -150,16 +151,30 @@ class Levels:
         self.computer = LevelComputer(settings.thresholds(), settings.level_hysteresis)
         self.meter = DrainMeter(settings.drain_window)
         self.report = LoadReport()
+        self.failures = 0
 
-    async def publish(self, redis: Redis, models: list[str]) -> LoadReport:
-        fleet = await read_fleet(redis, self.settings.node_ttl)
-        slots = sum(
-            int(node.get("slots_total") or 0)
-            for node in fleet.nodes
-            if node.get("state") == "running"
-        )
-        report = self.compute(fleet.taken_at, slots, await measure(redis, models))
-        await redis.set(keys.LOAD, report.encode(), px=int(self.settings.load_ttl * 1000))
+    async def publish(self, redis: Redis, models: list[str]) -> LoadReport | None:
+        """Measure and publish; None when Redis refused (the last report then expires on
+        its own). A refusal must not fail the pass: the scheduler reads a failed pass as
+        lost contact and stops declaring nodes dead for a while, so a Redis refusing
+        writes (OOM) would otherwise halt reclaim."""
+        try:
+            fleet = await read_fleet(redis, self.settings.node_ttl)
+            slots = sum(
+                int(node.get("slots_total") or 0)
+                for node in fleet.nodes
+                if node.get("state") == "running"
+            )
+            report = self.compute(fleet.taken_at, slots, await measure(redis, models))
+            await redis.set(keys.LOAD, report.encode(), px=int(self.settings.load_ttl * 1000))
+        except RedisError as exc:
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("cannot publish the load report (it expires): %s", exc)
+            return None
+        if self.failures:
+            log.info("load report published again after %d failure(s)", self.failures)
+            self.failures = 0
         return report
 
     def compute(self, now: float, slots: int, figures: dict[str, ModelFigures]) -> LoadReport:

@@ -354,3 +354,20 @@ async def _set_level(
     await view.refresh()
     assert view.level == (report.level if level is None else level)
     assert view.load == report
+
+
+async def test_a_load_report_redis_refuses_is_skipped_and_expires(redis: Redis) -> None:
+    """Publishing is the last step of a pass: a Redis refusing writes (OOM) must not fail
+    the pass for it; the report already there expires on its own."""
+    levels = Levels(_settings(load_ttl=1.0))
+    assert await levels.publish(redis, [MODEL]) is not None
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", "1")
+    try:
+        assert await levels.publish(redis, [MODEL]) is None  # raises without the handling
+        assert levels.failures == 1
+        await until(lambda: redis.exists(keys.LOAD), 0)
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert await levels.publish(redis, [MODEL]) is not None
+    assert levels.failures == 0
