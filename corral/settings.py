@@ -298,6 +298,11 @@ class SchedulerSettings(CommonSettings):
         lt=1,
         description="a level is left only once the load is this far below its threshold",
     )
+    level_hold: float = Field(
+        3.0,
+        ge=0,
+        description="seconds a level is kept at least after the load last reached it",
+    )
     level_jobs_per_slot: float = Field(
         2.0,
         gt=0,

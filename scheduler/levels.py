@@ -11,7 +11,9 @@ comes from Redis ``TIME``, so no host's clock matters.
 The load is the larger of the occupancy (queued + running over live slots x
 ``level_jobs_per_slot``) and the worst expected queue wait over ``level_wait_full``.
 A level is entered when the load reaches its threshold and left only once the load is
-``level_hysteresis`` below it, so a load hovering at a threshold does not flap. The
+``level_hysteresis`` below it, and no sooner than ``level_hold`` seconds after the load
+last reached it, so a load hovering at a threshold does not flap, nor does a level
+whose own shedding brings the load down for a moment. The
 report (``corral.load.LoadReport``) is written with a TTL: when the scheduler stops or
 cannot reach Redis, it expires and gateways fall back to level 0 instead of refusing
 work on the word of a dead scheduler.
@@ -39,18 +41,30 @@ log = logging.getLogger(__name__)
 class LevelComputer:
     """The level from a load figure, with hysteresis (no Redis: pure, for tests)."""
 
-    def __init__(self, thresholds: tuple[float, ...], hysteresis: float) -> None:
+    def __init__(self, thresholds: tuple[float, ...], hysteresis: float, hold: float = 0.0) -> None:
         self.thresholds = thresholds
         self.hysteresis = hysteresis
+        self.hold = hold
         self.level = 0
+        self._since = -math.inf
+        """When (Redis time) the current level was entered or last confirmed."""
 
-    def update(self, load: float) -> int:
+    def update(self, load: float, now: float = 0.0) -> int:
         entered = sum(1 for threshold in self.thresholds if load >= threshold)
-        if entered > self.level:
+        if entered >= self.level:
+            if entered > self.level or self.level:
+                self._since = now
             self.level = entered
             return self.level
+        # Shedding lowers the load at once, so without a hold the level would drop, let
+        # the shed work back in, and rise again every pass or two.
+        if now - self._since < self.hold:
+            return self.level
+        before = self.level
         while self.level > 0 and load < self.thresholds[self.level - 1] - self.hysteresis:
             self.level -= 1
+        if self.level != before:
+            self._since = now  # the lower level is entered now, and held in its turn
         return self.level
 
     def exit_load(self) -> float:
@@ -148,7 +162,9 @@ class Levels:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.computer = LevelComputer(settings.thresholds(), settings.level_hysteresis)
+        self.computer = LevelComputer(
+            settings.thresholds(), settings.level_hysteresis, settings.level_hold
+        )
         self.meter = DrainMeter(settings.drain_window)
         self.report = LoadReport()
         self.failures = 0
@@ -196,7 +212,7 @@ class Levels:
         occupancy = jobs / full if full else (math.inf if jobs else 0.0)
         load = max(occupancy, wait / settings.level_wait_full)
         before = self.computer.level
-        level = self.computer.update(load) if settings.levels else 0
+        level = self.computer.update(load, now) if settings.levels else 0
         rate = sum(m.rate for m in models.values())
         report = LoadReport(
             level=level,

@@ -42,6 +42,18 @@ def test_levels_enter_at_their_threshold_and_leave_only_clearly_below() -> None:
     assert computer.update(1.5) == 3  # and straight up
 
 
+def test_a_level_is_held_for_a_while_after_the_load_last_reached_it() -> None:
+    computer = LevelComputer((0.6, 0.8, 0.95), hysteresis=0.1, hold=3.0)
+    assert computer.update(1.2, now=100.0) == 3
+    assert computer.update(0.2, now=101.0) == 3  # its shedding worked at once: held
+    assert computer.update(1.0, now=102.0) == 3  # reached again: the hold starts over
+    assert computer.update(0.2, now=104.5) == 3
+    assert computer.update(0.9, now=105.5) == 3  # between the exit line and the threshold
+    assert computer.update(0.7, now=105.6) == 1  # held 3 s since 102: now it may fall
+    assert computer.update(0.3, now=106.0) == 1  # level 1 was entered at 105.6
+    assert computer.update(0.3, now=108.7) == 0
+
+
 def test_drain_rate_is_measured_only_while_the_queue_has_a_backlog() -> None:
     meter = DrainMeter(window=30.0)
     assert meter.update("m", 100.0, delivered=0, queued=10) == 0.0  # first sight: no rate
