@@ -117,9 +117,10 @@ async def _send(url: str, shape: Shape, sent: Sent, index: int) -> None:
     sent.retry_after = resp.headers.get(b"retry-after", b"").decode()
 
 
-async def _watch_levels(redis_url: str, stop: asyncio.Event) -> list[tuple[float, LoadReport]]:
+async def _watch_levels(
+    redis_url: str, stop: asyncio.Event, seen: list[tuple[float, LoadReport]]
+) -> None:
     client = Redis.from_url(redis_url)
-    seen: list[tuple[float, LoadReport]] = []
     t0 = time.monotonic()
     try:
         while not stop.is_set():
@@ -128,13 +129,13 @@ async def _watch_levels(redis_url: str, stop: asyncio.Event) -> list[tuple[float
                 await asyncio.wait_for(stop.wait(), 0.25)
     finally:
         await client.aclose()
-    return seen
 
 
 async def _burst(fleet: Fleet, shape: Shape) -> dict[str, Any]:
     plan = _plan(shape)
     stop = asyncio.Event()
-    watcher = asyncio.create_task(_watch_levels(fleet.redis_url, stop))
+    levels: list[tuple[float, LoadReport]] = []
+    watcher = asyncio.create_task(_watch_levels(fleet.redis_url, stop, levels))
     t0 = time.monotonic()
 
     async def at(sent: Sent, index: int) -> None:
@@ -143,8 +144,11 @@ async def _burst(fleet: Fleet, shape: Shape) -> dict[str, Any]:
 
     await asyncio.gather(*(at(sent, i) for i, sent in enumerate(plan)))
     wall = time.monotonic() - t0
+    settle = time.monotonic() + 30
+    while time.monotonic() < settle and (not levels or levels[-1][1].level):  # noqa: ASYNC110
+        await asyncio.sleep(0.25)  # the watcher's own period: how long the level takes to fall
     stop.set()
-    levels = await watcher
+    await watcher
     records = await _records(fleet.redis_url, [s.job_id for s in plan if s.job_id])
     return {"plan": plan, "records": records, "levels": levels, "wall": wall}
 
@@ -310,7 +314,12 @@ def run(smoke: bool) -> report.Result:
         " / ".join(f"{f['ok']} of {f['sent']}" for f in off["per_priority"].values())
         + f"; p0 wait p99 {fmt_s(off['per_priority'][0]['wait_p99_s'])} s",
     )
-    md += ["", "Level trace with levels on (seconds into the burst: level, load):", ""]
+    md += [
+        "",
+        f"Level trace with levels on (seconds from the start of the {shape.burst_s:g} s burst "
+        "until the level is back to 0: level, load), as published in Redis:",
+        "",
+    ]
     trace = on["level_trace"]
     changes = [t for i, t in enumerate(trace) if i == 0 or t[1] != trace[i - 1][1]]
     md.append(", ".join(f"{t:g} s: {lvl} ({load:g})" for t, lvl, load in changes) or "-")
