@@ -58,8 +58,9 @@ def degrade(
         if not isinstance(options, dict):
             options = body["options"] = {}
         asked = options.get("num_predict")
-        # Ollama reads a negative num_predict as "no limit".
-        if not isinstance(asked, int) or asked < 0 or asked > cap:
+        if isinstance(asked, bool) or not isinstance(asked, int | float):
+            asked = -1  # none asked: Ollama's own default has no limit
+        if asked < 0 or asked > cap:  # Ollama reads a negative num_predict as "no limit"
             options["num_predict"] = cap
             notes.append(f"num_predict={cap}")
     return model, ("; ".join([f"level={level}", *notes]) if notes else "")

@@ -217,6 +217,48 @@ async def test_level_1_caps_num_predict_and_says_so(
             "model": "llama3", "messages": [{"role": "user", "content": "a b c d e"}]})  # fmt: skip
         assert streamed.headers["x-corral-degraded"] == "level=1; num_predict=3"
         assert streamed.text.count("\n") == 4  # three chunks and the final line
+        floating = {**body, "options": {"num_predict": 2.0}}  # Ollama takes any number
+        asked = await http.post("/api/generate", json=floating, headers=_prio(9))
+        assert "x-corral-degraded" not in asked.headers and asked.json()["eval_count"] == 2
+        job = {"kind": "generate", "request": body, "priority": 9, "wait": False}
+        queued = await http.post("/jobs", json=job)
+        assert queued.status_code == 202
+        assert queued.headers["x-corral-degraded"] == "level=1; num_predict=3"
+        v1 = await http.post(
+            "/v1/chat/completions",
+            headers=_prio(9),
+            json={"model": "llama3", "messages": [{"role": "user", "content": "a b c d e"}]},
+        )
+        assert v1.headers["x-corral-degraded"] == "level=1; num_predict=3"
+        assert v1.json()["usage"]["completion_tokens"] == 3
+        assert v1.json()["choices"][0]["finish_reason"] == "length"
+
+
+async def test_the_level_is_on_metrics_status_and_corral_status(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    from corral import status
+    from corral.snapshot import take_snapshot
+
+    cluster = await start_cluster([FakeOllamaConfig()])
+    report = LoadReport(
+        level=2, load=0.85, wait=12.5, slots=2, queued=3, running=2, rate=0.4, at=1.0,
+        ttl=30, models={MODEL: ModelLoad(0.4, (0,) * 9 + (3,))},
+    )  # fmt: skip
+    await _set_level(cluster, redis, report)
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        metrics = (await http.get("/metrics")).text
+        page = (await http.get("/status")).text
+    assert "\ncorral_degradation_level 2.0\n" in metrics
+    assert 'corral_drain_rate_jobs_per_second{model="llama3:latest"} 0.4' in metrics
+    assert "degradation level" in page and "2 (major), load 0.85" in page
+    snapshot = await take_snapshot(redis, "redis://test", node_ttl=6.0, gateway_ttl=30.0)
+    text = status.render(snapshot)
+    assert "LEVEL  2 (major)  load 0.85" in text and "expected wait 12.5s" in text
+    assert "llama3:latest                drain 0.40 jobs/s  queued 3" in text
+    await redis.delete(keys.LOAD)
+    snapshot = await take_snapshot(redis, "redis://test", node_ttl=6.0, gateway_ttl=30.0)
+    assert "LEVEL  0 (normal): no load report" in status.render(snapshot)
 
 
 async def test_level_2_maps_heavy_models_to_light_ones_for_low_priorities(
