@@ -188,9 +188,14 @@ async def test_a_burst_raises_the_level_and_it_falls_after(
         for _ in range(12):  # 12 jobs of 0.3 s on 2 slots: occupancy 3 at first
             assert (await http.post("/jobs", json=job)).status_code == 202
         await until(lambda: _level(view), 3)
+        # Held at 3 for CORRAL_LEVEL_HOLD (3 s) at least: shed, with the scheduler's figure.
+        shed = await http.post("/jobs", json={**job, "priority": 9, "wait": True})
+        assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
+        urgent = await http.post("/jobs", json={**job, "priority": 0, "wait": True})
+        assert urgent.status_code == 200 and urgent.json()["state"] == "done"
         await until(lambda: _level(view), 0, within=30)
     stats = cluster.nodes[0].fake.fake.stats()
-    assert stats["completed"] == 12
+    assert stats["completed"] == 13
 
 
 # ------------------------------------------------------------ each level's effect, live
