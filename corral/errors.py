@@ -73,9 +73,29 @@ class PayloadTooLarge(RequestError):
 
 
 class QueueFull(RequestError):
-    """The model's queue is at its bound; clients should retry later (503 + Retry-After)."""
+    """A queue is at its bound; clients should retry later (503, 429 on ``/v1``, with a
+    ``Retry-After``). ``retry_after`` is the estimate in seconds (None: the gateway
+    estimates it from the drain rate of ``model``'s queue)."""
 
     status = 503
+
+    def __init__(self, message: str, *, model: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.retry_after = retry_after
+
+
+class Overloaded(QueueFull):
+    """Shed at degradation level 3: this priority is refused until the load falls."""
+
+
+class WaitTooLong(QueueFull):
+    """The job's expected queue wait is longer than the time it may wait: refused at once
+    instead of queueing only to expire."""
+
+    def __init__(self, message: str, *, model: str, wait: float) -> None:
+        super().__init__(message, model=model, retry_after=wait)
+        self.wait = wait
 
 
 class BackendError(CorralError):

@@ -79,6 +79,9 @@ class JobSpec:
     run_timeout: float = 0.0
     """Seconds one attempt may run on a node before it is aborted (0: no limit)."""
     job_id: str = ""
+    degraded: str = ""
+    """How the gateway degraded the request under load (the ``X-Corral-Degraded`` header,
+    e.g. ``level=2; model=llama3:8b; num_predict=256``); empty when it was not."""
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -162,7 +165,8 @@ class JobStore:
         if int(depth) < 0:
             raise QueueFull(
                 f"server busy, please try again. {max_queue} requests already queued for "
-                f'model "{spec.model}"'
+                f'model "{spec.model}"',
+                model=spec.model,
             )
         return int(depth)
 

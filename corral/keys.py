@@ -142,3 +142,8 @@ SCHEDULER_LEASE = f"{PREFIX}:scheduler:lease"
 
 GATEWAYS = f"{PREFIX}:gateways"
 """Sorted set: gateway id -> Redis time of its last heartbeat (for orphan detection)."""
+
+LOAD = f"{PREFIX}:load"
+"""String (JSON, ``corral.load.LoadReport``): the degradation level and the figures behind
+it (drain rate and queue ahead per model), written by the active scheduler each pass
+with a TTL, so the level of a scheduler that stopped expires instead of lasting."""

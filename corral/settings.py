@@ -13,10 +13,11 @@ import socket
 import uuid
 from typing import Any, Self
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.errors import ConfigError
+from corral.names import normalize_model
 
 _PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "example"}
 
@@ -156,6 +157,44 @@ class GatewaySettings(CommonSettings):
     max_connections: int = Field(
         4096, ge=1, description="open client connections per gateway process (503 beyond)"
     )
+    max_queue_total: int = Field(
+        50_000,
+        gt=0,
+        description="queued jobs across every model before 503 (as last measured by the "
+        "scheduler, so it may be passed by what arrives within one pass)",
+    )
+    degrade_num_predict: int = Field(
+        256, gt=0, description="at level 1 and above: the num_predict cap for degradable priorities"
+    )
+    degrade_cap_priority: int = Field(
+        3,
+        ge=0,
+        le=9,
+        description="at level 1 and above, num_predict is capped for this priority and "
+        "less urgent ones (higher numbers)",
+    )
+    degrade_models: str = Field(
+        "",
+        description="at level 2 and above: comma-separated HEAVY=LIGHT model pairs "
+        "(e.g. llama3:70b=llama3:8b) routed to the light model for degradable priorities",
+    )
+    degrade_map_priority: int = Field(
+        5,
+        ge=0,
+        le=9,
+        description="at level 2 and above, heavy models are mapped for this priority and "
+        "less urgent ones",
+    )
+    shed_priority: int = Field(
+        7,
+        ge=0,
+        le=9,
+        description="at level 3, requests of this priority and less urgent ones are refused "
+        "(503, 429 on /v1) with a Retry-After from the measured drain rate",
+    )
+    retry_after_max: float = Field(
+        600.0, gt=0, description="the longest Retry-After any refusal suggests"
+    )
 
     def resolved_gateway_id(self) -> str:
         return self.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -170,6 +209,26 @@ class GatewaySettings(CommonSettings):
 
     def key_priorities(self) -> dict[str, int | None]:
         return parse_api_keys(self.api_keys)
+
+    @field_validator("degrade_models")
+    @classmethod
+    def _model_pairs(cls, value: str) -> str:
+        parse_model_map(value)
+        return value
+
+    def model_map(self) -> dict[str, str]:
+        return parse_model_map(self.degrade_models)
+
+
+def parse_model_map(spec: str) -> dict[str, str]:
+    """``"llama3:70b=llama3:8b"`` -> ``{"llama3:70b": "llama3:8b"}`` (names normalised)."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        heavy, sep, light = (side.strip() for side in item.partition("="))
+        if not sep or not heavy or not light:
+            raise ValueError(f"expected HEAVY=LIGHT, got {item!r}")
+        pairs[normalize_model(heavy)] = normalize_model(light)
+    return pairs
 
 
 def parse_api_keys(spec: str) -> dict[str, int | None]:
@@ -238,3 +297,51 @@ class SchedulerSettings(CommonSettings):
     )
     retry_cap: float = Field(30.0, gt=0, description="longest backoff between retries")
     rq_worker: bool = Field(True, description="run an RQ worker child process for retry jobs")
+    levels: bool = Field(
+        True,
+        description="compute degradation levels; off publishes level 0 (with the drain "
+        "rates, so admission still knows the wait)",
+    )
+    level_minor: float = Field(0.6, gt=0, description="load at which level 1 (minor) begins")
+    level_major: float = Field(0.8, gt=0, description="load at which level 2 (major) begins")
+    level_critical: float = Field(0.95, gt=0, description="load at which level 3 (critical) begins")
+    level_hysteresis: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="a level is left only once the load is this far below its threshold",
+    )
+    level_hold: float = Field(
+        3.0,
+        ge=0,
+        description="seconds a level is kept at least after the load last reached it",
+    )
+    level_jobs_per_slot: float = Field(
+        2.0,
+        gt=0,
+        description="queued plus running jobs per live slot that count as full load "
+        "(2: every slot busy and one job waiting for each)",
+    )
+    level_wait_full: float = Field(
+        60.0, gt=0, description="expected queue wait (seconds) that counts as full load"
+    )
+    drain_window: float = Field(
+        30.0, gt=0, description="seconds over which drain rates are averaged (time-decayed)"
+    )
+    load_ttl: float = Field(
+        10.0,
+        gt=0,
+        description="seconds the published level lives without a new pass: gateways fall "
+        "back to level 0 when the scheduler stops publishing",
+    )
+
+    @model_validator(mode="after")
+    def _rising_thresholds(self) -> Self:
+        if not self.level_minor < self.level_major < self.level_critical:
+            raise ValueError(
+                "CORRAL_LEVEL_MINOR < CORRAL_LEVEL_MAJOR < CORRAL_LEVEL_CRITICAL is required"
+            )
+        return self
+
+    def thresholds(self) -> tuple[float, float, float]:
+        return (self.level_minor, self.level_major, self.level_critical)

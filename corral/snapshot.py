@@ -19,6 +19,7 @@ from rq.registry import FailedJobRegistry
 
 from corral import keys
 from corral.connections import server_time, text
+from corral.load import NO_LOAD, LoadReport
 from corral.streams import existing_streams
 
 
@@ -68,6 +69,8 @@ class Snapshot:
     retries: RetryStatus
     gateways: int
     """Gateways that heartbeated within the gateway TTL."""
+    load: LoadReport = NO_LOAD
+    """The active scheduler's load report: degradation level and drain rates."""
 
 
 @functools.cache
@@ -90,7 +93,8 @@ async def take_snapshot(
         pipe.zcard(keys.RETRY_SCHEDULED)
         pipe.zcard(dead_letter_key())
         pipe.zcount(keys.GATEWAYS, now - gateway_ttl, "+inf")
-        registry, members, stats, inbox, scheduled, dead, gateways = await pipe.execute()
+        pipe.get(keys.LOAD)
+        registry, members, stats, inbox, scheduled, dead, gateways, load = await pipe.execute()
     scored = {text(node_id): float(score) for node_id, score in registry}
     node_ids = sorted(scored)
     models = sorted(text(m) for m in members)
@@ -126,6 +130,7 @@ async def take_snapshot(
         stats=dict(sorted((text(k), int(v)) for k, v in stats.items())),
         retries=RetryStatus(int(inbox), int(scheduled), int(dead)),
         gateways=int(gateways),
+        load=LoadReport.decode(load),
     )
 
 

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from corral import humanize
+from corral.load import LoadReport
 from corral.settings import CommonSettings
 from corral.snapshot import NodeStatus, QueueStatus, RetryStatus, Snapshot, take_snapshot
 
@@ -29,7 +30,21 @@ def render(snapshot: Snapshot) -> str:
     lines += ["", *render_queues(snapshot.queues)]
     lines += ["", *render_stats(snapshot.stats)]
     lines += ["", render_retries(snapshot.retries), f"GATEWAYS  {snapshot.gateways} live"]
+    lines += ["", *render_load(snapshot.load)]
     return "\n".join(lines)
+
+
+def render_load(load: LoadReport) -> list[str]:
+    if not load.at:
+        return ["LEVEL  0 (normal): no load report (no active scheduler, or it expired)"]
+    lines = [
+        f"LEVEL  {load.level} ({load.name})  load {load.load:.2f}  "
+        f"occupancy {load.occupancy:.2f} ({load.queued} queued + {load.running} running, "
+        f"{load.slots} slots)  expected wait {load.wait:.1f}s  drain {load.rate:.2f} jobs/s"
+    ]
+    for model, figures in sorted(load.models.items()):
+        lines.append(f"  {model:<28} drain {figures.rate:.2f} jobs/s  queued {figures.ahead[-1]}")
+    return lines
 
 
 def render_nodes(nodes: list[NodeStatus]) -> list[str]:

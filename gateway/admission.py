@@ -13,7 +13,7 @@ import orjson
 from starlette.requests import Request
 
 from corral.errors import ModelNotFound
-from corral.gateway import inputs
+from corral.gateway import degrade, inputs
 from corral.gateway.dialect import Dialect
 from corral.gateway.relay import JobResponse
 from corral.gateway.state import GatewayState, state_of
@@ -70,9 +70,17 @@ async def make_spec(
         if run_limit is not None
         else inputs.run_timeout(request, settings.run_timeout, settings.run_timeout_max)
     )
-    if not await state.fleet.has_model(model):
+    view = state.fleet
+    if not await view.has_model(model):
         raise ModelNotFound(str(body["model"]))
     body["model"] = model
+    degraded = ""
+    if view.level:  # level 0 (normal) costs one attribute read
+        degrade.shed(view.load, prio, settings)
+        model, degraded = degrade.degrade(
+            body, kind, model, prio, view.load, settings, view.current
+        )
+    degrade.admit(view.load, model, prio, limit, settings)
     if kind.streams:
         body["stream"] = True  # workers always stream from Ollama; ``stream`` is the client's wish
     return JobSpec(
@@ -86,6 +94,7 @@ async def make_spec(
         wait_limit=limit or 0.0,
         max_attempts=settings.max_attempts,
         run_timeout=run_for,
+        degraded=degraded,
     )
 
 

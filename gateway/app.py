@@ -14,14 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from corral import connections, loops
-from corral.errors import QueueFull, RequestError
+from corral.errors import QueueFull, RequestError, WaitTooLong
 from corral.gateway.dialect import openai_error
 from corral.gateway.fleetview import FleetView
 from corral.gateway.replies import ReplyRouter
 from corral.gateway.routes import jobs, ollama, openai, status
 from corral.gateway.routing import ErrorHandler, FrontDoor
-from corral.gateway.state import GatewayState
+from corral.gateway.state import GatewayState, state_of
 from corral.jobs import JobStore
+from corral.load import retry_after
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from corral.tasks import cancel_and_wait
@@ -46,8 +47,20 @@ async def _request_error(request: Request, exc: Exception) -> Response:
         status = 429  # what OpenAI clients back off on (Ollama's own paths answer 503)
     response = error_response(path, exc.message, status)
     if isinstance(exc, QueueFull):
-        response.headers["retry-after"] = "1"
+        _retry_headers(request, exc, response)
     return response
+
+
+def _retry_headers(request: Request, exc: QueueFull, response: Response) -> None:
+    """``Retry-After`` from the estimate the refusal carries, or else from the measured
+    drain rate of the model's full queue."""
+    state = state_of(request)
+    seconds = exc.retry_after
+    if seconds is None:
+        seconds = state.fleet.load.drain_seconds(exc.model, state.settings.max_queue)
+    response.headers["retry-after"] = retry_after(seconds, state.settings.retry_after_max)
+    if isinstance(exc, WaitTooLong):
+        response.headers["x-corral-queue-wait"] = f"{exc.wait:.1f}"
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:

@@ -11,6 +11,10 @@ a node crashing and restarting, or every heartbeat missed during a Redis stall, 
 makes its jobs wait in the queue (where a node will pull them) instead of answering 404.
 A node that left the registry (a graceful stop, or declared dead by the scheduler) takes
 its models with it at once.
+
+The same refresh reads the load report the active scheduler publishes (``corral.load``):
+``level`` and ``load`` are plain attributes, so a request reads them for free. A report
+that cannot be re-read is kept no longer than its own TTL, then the level falls to 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from redis.asyncio import Redis
 
 from corral import fleet, keys, loops
+from corral.load import NO_LOAD, LoadReport
 from corral.loops import LoopHealth
 from corral.tasks import cancel_and_wait
 
@@ -54,6 +59,11 @@ class FleetView:
         self._read_at = 0.0  # monotonic: local ages only
         self._seen: dict[str, tuple[frozenset[str], float]] = {}
         """node id -> (models it served, when it was last seen alive; monotonic)."""
+        self.load: LoadReport = NO_LOAD
+        """The scheduler's last load report (level 0 and no figures when there is none)."""
+        self.level = 0
+        """``load.level``, the degradation level requests apply."""
+        self._load_read_at = 0.0  # monotonic
 
     async def start(self) -> None:
         self.health.register(LOOP, stale_after=max(5 * self.interval, 10.0))
@@ -70,8 +80,13 @@ class FleetView:
 
     async def refresh(self) -> fleet.Fleet:
         async with self._lock:
-            current = await fleet.read_fleet(self.redis, self.node_ttl)
-            await fleet.touch(self.redis, keys.GATEWAYS, self.gateway_id)
+            try:
+                current = await fleet.read_fleet(self.redis, self.node_ttl)
+                await fleet.touch(self.redis, keys.GATEWAYS, self.gateway_id)
+                self._set_load(LoadReport.decode(await self.redis.get(keys.LOAD)))
+            except Exception:
+                self._expire_load()
+                raise
             self.current = current
             self._read_at = now = time.monotonic()
             for node in current.nodes:
@@ -81,6 +96,21 @@ class FleetView:
             for gone in set(self._seen) - current.registered:
                 del self._seen[gone]
         return self.current
+
+    def _set_load(self, report: LoadReport) -> None:
+        if report.level != self.level:
+            log.info(
+                "degradation level %d -> %d (load %.2f)", self.level, report.level, report.load
+            )
+        self.load, self.level = report, report.level
+        self._load_read_at = time.monotonic()
+
+    def _expire_load(self) -> None:
+        """Redis unreadable: keep the last report only while it is valid (its TTL from
+        when it was read), so a level cannot outlive the scheduler that set it."""
+        if self.load is not NO_LOAD and time.monotonic() - self._load_read_at > self.load.ttl:
+            log.warning("load report unreadable for %gs; degradation level 0", self.load.ttl)
+            self.load, self.level = NO_LOAD, 0
 
     def recently_served(self, model: str) -> bool:
         oldest = time.monotonic() - self.model_grace

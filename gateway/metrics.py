@@ -73,6 +73,7 @@ class FleetCollector(Collector):
             "Jobs in the dead-letter queue (RQ's failed registry of the retry queue).",
             value=retries.dead_letters,
         )
+        yield from _load(snapshot)
         yield GaugeMetricFamily(
             "corral_gateways_live",
             "Gateway processes that heartbeated within CORRAL_GATEWAY_TTL.",
@@ -193,4 +194,29 @@ def _nodes(snapshot: Snapshot) -> Iterator[Metric]:
 def _field(records: list[tuple[str, dict[str, Any]]], field: str) -> Iterator[Sample]:
     return (
         ([node], rec[field]) for node, rec in records if isinstance(rec.get(field), int | float)
+    )
+
+
+def _load(snapshot: Snapshot) -> Iterator[Metric]:
+    load = snapshot.load
+    yield GaugeMetricFamily(
+        "corral_degradation_level",
+        "The fleet's degradation level: 0 normal, 1 minor, 2 major, 3 critical.",
+        value=load.level,
+    )
+    yield GaugeMetricFamily(
+        "corral_load_ratio",
+        "The load the level follows (1 = full), as the active scheduler last measured it.",
+        value=load.load,
+    )
+    yield GaugeMetricFamily(
+        "corral_expected_queue_wait_seconds",
+        "Expected queue wait of the most backlogged model, from its measured drain rate.",
+        value=load.wait,
+    )
+    yield _gauge(
+        "corral_drain_rate_jobs_per_second",
+        "Jobs per second each model's queue drained while it had a backlog.",
+        ["model"],
+        (([model], figures.rate) for model, figures in sorted(load.models.items())),
     )

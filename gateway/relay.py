@@ -24,6 +24,8 @@ from corral.protocol import Reply
 log = logging.getLogger(__name__)
 
 JSON_TYPE = b"application/json; charset=utf-8"
+DEGRADED_HEADER = b"x-corral-degraded"
+"""How a degraded request was changed (``level=2; model=llama3:8b; num_predict=256``)."""
 
 
 def _due(reply: Reply, expected: int) -> bool:
@@ -57,6 +59,8 @@ class JobResponse(Response):
         self.queue = queue
         self.timeout = timeout
         self.extra_headers: list[tuple[bytes, bytes]] = [(b"x-corral-job-id", spec.job_id.encode())]
+        if spec.degraded:
+            self.extra_headers.append((DEGRADED_HEADER, spec.degraded.encode()))
         self._settled = False
 
     @classmethod

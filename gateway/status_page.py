@@ -56,12 +56,18 @@ def render(snapshot: Snapshot, *, gateway_id: str, waiting: int, refresh: int = 
 def _summary(live: int, nodes: int, busy: int, slots: int, queued: int, snapshot: Snapshot) -> str:
     retries = snapshot.retries
     dead = retries.dead_letters
+    load = snapshot.load
     rows = [
         ("nodes live", f"{live} of {nodes}", live < nodes),
         ("slots busy", f"{busy} of {slots}", False),
         ("jobs queued", str(queued), False),
         ("retries waiting", f"{retries.inbox + retries.scheduled}", False),
         ("dead letters", str(dead), dead > 0),
+        (
+            "degradation level",
+            f"{load.level} ({load.name}), load {load.load:.2f}, expected wait {load.wait:.1f} s",
+            load.level > 0,
+        ),
     ]
     cells = "".join(
         f"<tr><th>{escape(name)}</th><td class='num{' bad' if bad else ''}'>{escape(value)}"

@@ -20,6 +20,7 @@ from corral.jobs import JobStore
 from corral.loops import Backoff
 from corral.scheduler import housekeeping, reclaim
 from corral.scheduler.lease import Lease
+from corral.scheduler.levels import Levels
 from corral.scheduler.retries import RetryScheduler
 from corral.settings import SchedulerSettings
 
@@ -46,6 +47,7 @@ class Scheduler:
             job_ttl=settings.job_ttl,
             result_ttl=settings.result_ttl,
         )
+        self.levels = Levels(settings)
         self._stop = asyncio.Event()
         self._was_active = False
         self.passes = 0
@@ -108,6 +110,7 @@ class Scheduler:
         await self.retries.sweep_lost()
         await housekeeping.trim_acknowledged(self.redis, models)
         await housekeeping.prune_gateways(self.redis, self.settings.gateway_ttl)
+        await self.levels.publish(self.redis, models)
         self.passes += 1
 
     def _note_gap(self, now: float, *, waited: float) -> None:

@@ -116,6 +116,10 @@ DOCUMENTED: dict[str, tuple[str, set[str]]] = {
     "corral_retry_scheduled_jobs": ("gauge", set()),
     "corral_dead_letter_jobs": ("gauge", set()),
     "corral_gateways_live": ("gauge", set()),
+    "corral_degradation_level": ("gauge", set()),
+    "corral_load_ratio": ("gauge", set()),
+    "corral_expected_queue_wait_seconds": ("gauge", set()),
+    "corral_drain_rate_jobs_per_second": ("gauge", {"model"}),
     "corral_gateway_waiting_requests": ("gauge", {"gateway"}),
 }
 

@@ -16,6 +16,7 @@ from corral.gateway import inputs
 from corral.gateway.admission import Incoming, make_spec, read_request, relay
 from corral.gateway.ollama_schema import BY_KIND, Body, JobSubmission
 from corral.gateway.openapi import document
+from corral.gateway.relay import DEGRADED_HEADER
 from corral.gateway.routes import ollama, openai
 from corral.gateway.routes.ollama import json_response
 from corral.gateway.state import state_of
@@ -71,9 +72,12 @@ async def submit(request: Request) -> Response:
         return await relay(request, spec, JobDialect(spec.job_id))
     state = incoming.state
     depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
-    return json_response(
+    response = json_response(
         {"id": spec.job_id, "state": JobState.QUEUED.value, "queued": depth}, status=202
     )
+    if spec.degraded:
+        response.headers[DEGRADED_HEADER.decode()] = spec.degraded
+    return response
 
 
 async def openapi(request: Request) -> Response:
