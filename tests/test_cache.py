@@ -325,13 +325,14 @@ async def test_metrics(fleet: LocalCluster, http: Any) -> None:
     await http.post("/api/generate", json=body)
     await http.post("/api/generate", json={"model": "llama3", "prompt": "x", "stream": False})
     text = (await http.get("/metrics")).text
-    gateway = fleet.gateway.settings  # type: ignore[union-attr]
-    assert gateway is not None
     for outcome in ("hit", "miss", "bypass"):
-        assert f'corral_cache_requests_total{{gateway="' in text
-        line = next(x for x in text.splitlines() if f'outcome="{outcome}"' in x)
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith("corral_cache_requests_total{") and f'outcome="{outcome}"' in x
+        )
         assert line.endswith(" 1.0")
-    assert 'corral_cache_bytes{tier="l2"}' in text and 'corral_cache_evictions_total{tier="l1"}' in text
+    assert 'corral_cache_evictions_total{tier="l1"} 0.0' in text
     l2 = next(x for x in text.splitlines() if x.startswith('corral_cache_bytes{tier="l2"}'))
     assert float(l2.split()[-1]) > 0
 
