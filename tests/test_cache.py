@@ -404,3 +404,60 @@ def test_codec_round_trip_and_garbage() -> None:
     for bad in (b"", b"garbage", encode(answer)[:-1], encode(answer) + b"x"):
         with pytest.raises(ValueError):
             decode(bad)
+
+
+async def test_a_failed_job_gives_its_followers_the_same_error_and_is_not_cached(
+    fleet: LocalCluster, http: Any, second: LocalGateway
+) -> None:
+    fake = fleet.nodes[0].fake.fake
+    fake.configure(token_rate=10)
+    body = _generate("a long answer that will break halfway through it")
+    leader = asyncio.create_task(http.post("/api/generate", json=body))
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as other:
+        remote = asyncio.create_task(other.post("/api/generate", json=body))
+        redis = fleet.gateway.state.redis  # type: ignore[union-attr]
+
+        async def followed() -> bool:
+            return bool(await redis.exists(keys.cache_followed(_key(body, stream=True))))
+
+        await until(followed, True)
+        local = asyncio.create_task(http.post("/api/generate", json=body))
+        await until(lambda: _flight_subscribers(fleet, body), 2)
+        fake.configure(crash_after_tokens=1)  # the node dies mid-answer
+        answers = [await leader, await local, await remote]
+    ends = [orjson.loads(a.content.splitlines()[-1]) for a in answers]
+    assert all("error" in end for end in ends), ends
+    assert len({end["error"] for end in ends}) == 1
+    assert _calls(fleet) == 1
+    fake.configure(crash_after_tokens=None, token_rate=0)
+    again = await http.post("/api/generate", json=body)
+    assert again.headers["x-corral-cache"] == "miss"
+    assert _calls(fleet) == 2
+
+
+async def test_followers_run_the_job_again_when_it_is_cancelled_from_under_them(
+    fleet: LocalCluster, http: Any, second: LocalGateway
+) -> None:
+    fake = fleet.nodes[0].fake.fake
+    fake.configure(token_rate=20)
+    body = _generate("cancel the leader of this one")
+    async with http.stream("POST", "/api/generate", json=body) as reply:
+        job_id = reply.headers["x-corral-job-id"]
+        lines = reply.aiter_lines()
+        await anext(lines)
+        async with httpx.AsyncClient(base_url=second.url, timeout=30) as other:
+            remote = asyncio.create_task(other.post("/api/generate", json=body))
+            redis = fleet.gateway.state.redis  # type: ignore[union-attr]
+
+            async def followed() -> bool:
+                return bool(await redis.exists(keys.cache_followed(_key(body, stream=True))))
+
+            await until(followed, True)
+            assert (await http.delete(f"/jobs/{job_id}")).status_code == 200
+            rest = [line async for line in lines]
+            answer = await remote
+    assert "error" in orjson.loads(rest[-1])  # the leader's own request was cancelled
+    assert answer.status_code == 200
+    text = "".join(orjson.loads(x)["response"] for x in answer.content.splitlines())
+    assert text == "echo: cancel the leader of this one"
+    assert _calls(fleet) == 2  # the follower ran it again

@@ -117,6 +117,9 @@ DOCUMENTED: dict[str, tuple[str, set[str]]] = {
     "corral_dead_letter_jobs": ("gauge", set()),
     "corral_gateways_live": ("gauge", set()),
     "corral_gateway_waiting_requests": ("gauge", {"gateway"}),
+    "corral_cache_requests": ("counter", {"outcome", "gateway"}),
+    "corral_cache_evictions": ("counter", {"tier"}),
+    "corral_cache_bytes": ("gauge", {"tier"}),
 }
 
 
