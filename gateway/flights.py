@@ -280,12 +280,19 @@ class Flight:
         delay, offset = min(0.002, poll), 0
         out, record, lock = keys.output(job_id), keys.job(job_id), keys.cache_flight(self.key)
         while True:
-            async with cache.redis.pipeline(transaction=True) as pipe:
-                pipe.lrange(out, offset, -1)
-                pipe.hmget(record, "state", "result", "error", "status")
-                pipe.get(lock)
-                pipe.set(keys.cache_followed(self.key), cache.gateway_id, px=followed_ms)
-                messages, (state, result, error, status), holder, _ = await pipe.execute()
+            try:
+                async with cache.redis.pipeline(transaction=True) as pipe:
+                    pipe.lrange(out, offset, -1)
+                    pipe.hmget(record, "state", "result", "error", "status")
+                    pipe.get(lock)
+                    pipe.set(keys.cache_followed(self.key), cache.gateway_id, px=followed_ms)
+                    messages, (state, result, error, status), holder, _ = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                # Redis away for a moment: read again later (each request waiting here
+                # still ends at its own time limit).
+                log.warning("following job %s: %r", job_id, exc)
+                await asyncio.sleep(poll)  # backoff
+                continue
             for message in messages:
                 offset += 1
                 self._deliver(protocol.decode(message))
