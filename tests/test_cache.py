@@ -206,11 +206,12 @@ async def test_errors_are_not_cached(fleet: LocalCluster, http: Any) -> None:
     assert _calls(fleet) == 2
 
 
+@pytest.mark.parametrize("stream", [True, False])
 async def test_single_flight_100_requests_across_two_gateways(
-    fleet: LocalCluster, second: LocalGateway
+    fleet: LocalCluster, second: LocalGateway, stream: bool
 ) -> None:
     fleet.nodes[0].fake.fake.configure(token_rate=20)  # long enough for all to arrive
-    body = _generate("everyone asks this at once", stream=True)
+    body = _generate("everyone asks this at once", stream=stream)
     limits = httpx.Limits(max_connections=100)
     async with (
         httpx.AsyncClient(base_url=fleet.url, timeout=60, limits=limits) as one,
@@ -228,7 +229,8 @@ async def test_single_flight_100_requests_across_two_gateways(
     assert outcomes.count("miss") == 1 and outcomes.count("hit") == 99
     assert len({content for _, content in results}) == 1
     lines = results[0][1].splitlines()
-    assert "".join(orjson.loads(x)["response"] for x in lines) == "echo: everyone asks this at once"
+    text = "".join(orjson.loads(x)["response"] for x in lines)
+    assert text == "echo: everyone asks this at once"
 
 
 async def test_leader_disconnect_leaves_followers_answered(
