@@ -463,3 +463,32 @@ async def test_followers_run_the_job_again_when_it_is_cancelled_from_under_them(
     text = "".join(orjson.loads(x)["response"] for x in answer.content.splitlines())
     assert text == "echo: cancel the leader of this one"
     assert _calls(fleet) == 2  # the follower ran it again
+
+
+async def test_leader_disconnect_keeps_the_job_for_a_follower_on_another_gateway(
+    fleet: LocalCluster, second: LocalGateway
+) -> None:
+    fake = fleet.nodes[0].fake.fake
+    fake.configure(token_rate=10)
+    body = _generate("only another gateway still wants this")
+    leader = httpx.AsyncClient(base_url=fleet.url, timeout=30)
+    async with leader.stream("POST", "/api/generate", json=body) as reply:
+        lines = reply.aiter_lines()  # kept: a collected iterator closes the response
+        await anext(lines)
+        async with httpx.AsyncClient(base_url=second.url, timeout=30) as other:
+            remote = asyncio.create_task(other.post("/api/generate", json=body))
+            redis = fleet.gateway.state.redis  # type: ignore[union-attr]
+
+            async def followed() -> bool:
+                return bool(await redis.exists(keys.cache_followed(_key(body, stream=True))))
+
+            await until(followed, True)
+            await leader.aclose()  # no request on the leader's gateway wants it any more
+            answer = await remote
+    text = "".join(orjson.loads(x)["response"] for x in answer.content.splitlines())
+    assert text == "echo: only another gateway still wants this"
+    assert _calls(fleet) == 1 and fake.stats()["disconnects"] == 0
+    # The job ran to its end for the follower, and its answer was cached.
+    async with httpx.AsyncClient(base_url=fleet.url, timeout=30) as client:
+        hit = await client.post("/api/generate", json=body)
+    assert hit.headers["x-corral-cache"] == "hit"
