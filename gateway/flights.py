@@ -63,7 +63,6 @@ class Flight:
         self.leading = False
         """Whether this gateway runs the job (and holds the lock)."""
         self.locked = False
-        self.from_cache = False
         self.first: Inbox | None = None
         """The request that started the flight: the only one told ``miss`` if it leads."""
         self.subscribers: list[Inbox] = []
@@ -75,7 +74,6 @@ class Flight:
         """Done once the flight knows where its answer comes from; its exception (queue
         full, Redis down) is what each waiting request answers with."""
         self.task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
 
     # -- subscribers -------------------------------------------------------------------
 
@@ -159,7 +157,6 @@ class Flight:
         try:
             found = await self.cache.store.fetch(self.key)
             if found is not None:
-                self.from_cache = True
                 self._ready()
                 for seq, chunk in enumerate(found.chunks):
                     self._deliver(Reply("", seq, protocol.CHUNK, chunk))
