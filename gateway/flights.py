@@ -17,9 +17,12 @@ Faults:
   still follows it and no other gateway does (followers refresh ``cache_followed``);
   otherwise it runs on, and is cached;
 * the job fails: every follower gets the same error (it is the answer); a job cancelled
-  or expired from under its followers (or whose lock lapsed: the leading gateway died)
-  is run again by a follower, which takes the lock; chunks the followers already wrote
-  are not written twice (the relay drops repeated sequence numbers);
+  or expired from under its followers is run again by a follower, which takes the lock;
+  chunks the followers already wrote are not written twice (the relay drops repeated
+  sequence numbers);
+* the leading gateway dies: its lock lapses (no renewals); a job it had enqueued is
+  still followed to its end (workers and job records do not need that gateway), one it
+  had not is run by a follower;
 * a lookup or lock that Redis does not answer in time: the flight runs its own job.
 """
 
@@ -305,14 +308,18 @@ class Flight:
             if state in _GAVE_UP:
                 log.info("job %s that requests followed ended %s: running it again", job_id, state)
                 return False
-            holds = holder is not None and holder.split(b" ")[-1] == job_id.encode()
-            if not holds:
-                if holder is not None:  # another job answers the key now: follow it
-                    job_id = holder.split(b" ")[-1].decode()
-                    self.job_id, offset = job_id, 0
-                    out, record = keys.output(job_id), keys.job(job_id)
-                    continue
-                log.info("lock on job %s lapsed (its gateway gone?): running it again", job_id)
+            if holder is not None and holder.split(b" ")[-1] != job_id.encode():
+                job_id = holder.split(b" ")[-1].decode()  # another job answers the key now
+                self.job_id, offset = job_id, 0
+                out, record = keys.output(job_id), keys.job(job_id)
+                continue
+            if holder is None and state is None:
+                # The lock lapsed and no such job exists: its gateway died before it
+                # enqueued the job (or the record expired). A job that does exist is
+                # followed to its end even without its gateway: a worker runs it and its
+                # record gets the answer (a queued one of a gateway gone for
+                # CORRAL_GATEWAY_TTL is cancelled as an orphan, and then run again here).
+                log.info("lock on job %s lapsed and it does not exist: running it", job_id)
                 return False
             await asyncio.sleep(delay)  # polling another gateway's job: nothing to wait on
             delay = min(delay * 2, poll)

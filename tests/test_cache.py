@@ -492,3 +492,43 @@ async def test_leader_disconnect_keeps_the_job_for_a_follower_on_another_gateway
     async with httpx.AsyncClient(base_url=fleet.url, timeout=30) as client:
         hit = await client.post("/api/generate", json=body)
     assert hit.headers["x-corral-cache"] == "hit"
+
+
+async def test_followers_run_the_job_themselves_when_the_leading_gateway_dies(
+    fleet: LocalCluster, http: Any
+) -> None:
+    """A gateway cut off from Redis stops renewing its lock; the job it enqueued runs on,
+    and the requests following it on another gateway get its answer all the same."""
+    fleet.nodes[0].fake.fake.configure(token_rate=5)
+    proxy = await TcpProxy(fleet.redis_url).start()
+    doomed = LocalGateway(GatewaySettings(redis_url=proxy.url, port=0, cache_flight_ttl=1.0))
+    await doomed.start()
+    body = _generate("the leading gateway dies while its job runs on")
+    redis = fleet.gateway.state.redis  # type: ignore[union-attr]
+    key = _key(body, stream=True)
+    client = httpx.AsyncClient(base_url=doomed.url, timeout=60)
+    leader = asyncio.create_task(client.post("/api/generate", json=body))
+    try:
+
+        async def exists(name: str) -> bool:
+            return bool(await redis.exists(name))
+
+        await until(lambda: exists(keys.cache_flight(key)), True)
+        follower = asyncio.create_task(http.post("/api/generate", json=body))
+        await until(lambda: exists(keys.cache_followed(key)), True)
+        proxy.hold_new()
+        proxy.freeze()  # the leading gateway can no longer reach Redis: as good as dead
+        await until(lambda: exists(keys.cache_flight(key)), False)  # its lock lapsed
+        answer = await asyncio.wait_for(follower, 30)
+        assert answer.status_code == 200
+        text = "".join(orjson.loads(x)["response"] for x in answer.content.splitlines())
+        assert text == "echo: the leading gateway dies while its job runs on"
+        assert _calls(fleet) == 1
+    finally:
+        proxy.release()
+        for link in proxy.links:  # back from the dead, so that it can stop
+            link.flowing.set()
+        leader.cancel()
+        await client.aclose()
+        await doomed.stop()
+        await proxy.aclose()
