@@ -494,7 +494,7 @@ async def test_leader_disconnect_keeps_the_job_for_a_follower_on_another_gateway
     assert hit.headers["x-corral-cache"] == "hit"
 
 
-async def test_followers_run_the_job_themselves_when_the_leading_gateway_dies(
+async def test_followers_get_the_answer_when_the_leading_gateway_dies(
     fleet: LocalCluster, http: Any
 ) -> None:
     """A gateway cut off from Redis stops renewing its lock; the job it enqueued runs on,
