@@ -152,12 +152,18 @@ class CacheStore:
             return None
         if data is None:
             return None
+        answer = self.decoded(key, data)
+        if answer is None:
+            await self._drop(key)
+        return answer
+
+    def decoded(self, key: str, data: bytes | str) -> Answer | None:
+        """The answer in stored ``data`` (kept in L1 too), or None when it is corrupt."""
         try:
             answer = decode(data if isinstance(data, bytes) else data.encode())
         except CorruptEntry as exc:
             self.corrupt += 1
-            log.warning("cache entry %s is corrupt (%s): a miss, and it is dropped", key, exc)
-            await self._drop(key)
+            log.warning("cache entry %s is corrupt (%s): a miss, and it is replaced", key, exc)
             return None
         self.remember(key, answer)
         return answer

@@ -160,10 +160,7 @@ class Flight:
         try:
             found = await self.cache.store.fetch(self.key)
             if found is not None:
-                self._ready()
-                for seq, chunk in enumerate(found.chunks):
-                    self._deliver(Reply("", seq, protocol.CHUNK, chunk))
-                self._deliver(Reply("", len(found.chunks), protocol.DONE, found.final))
+                self._serve(found)
                 return
             await self._find(self.spec)
         except asyncio.CancelledError:
@@ -190,6 +187,13 @@ class Flight:
         if self.cache.flights.get(self.key) is self:
             del self.cache.flights[self.key]
 
+    def _serve(self, found: Answer) -> None:
+        """Answer every subscriber from a stored answer."""
+        self._ready()
+        for seq, chunk in enumerate(found.chunks):
+            self._deliver(Reply("", seq, protocol.CHUNK, chunk))
+        self._deliver(Reply("", len(found.chunks), protocol.DONE, found.final))
+
     def _ready(self) -> None:
         if not self.ready.done():
             self.ready.set_result(None)
@@ -197,7 +201,10 @@ class Flight:
     async def _find(self, spec: JobSpec) -> None:
         """Lead with ``spec`` if the lock is free, else follow the job that holds it."""
         while True:
-            holder = await self._claim(spec.job_id)
+            holder, found = await self._claim(spec.job_id)
+            if found is not None:
+                self._serve(found)
+                return
             if holder is None:
                 await self._lead(spec)
                 return
@@ -205,26 +212,40 @@ class Flight:
                 return
             spec = dataclasses.replace(spec, job_id=new_job_id())  # the leader gave up
 
-    async def _claim(self, job_id: str) -> str | None:
-        """None when this gateway now holds the lock (or Redis could not say: then it runs
-        its own job unlocked), else the job id of the holder."""
-        value = f"{self.cache.gateway_id} {job_id}"
-        ttl_ms = int(self.cache.settings.cache_flight_ttl * 1000)
+    async def _claim(self, job_id: str) -> tuple[str | None, Answer | None]:
+        """Take the lock for ``job_id`` and look for the answer again, in one step.
+
+        Returns (None, None) when this gateway now holds the lock (or Redis could not
+        say: then it runs its own job unlocked), (holder's job id, None) when another
+        job holds it, and (_, answer) when the answer was stored meanwhile: a leader
+        stores its answer before it drops the lock, so one transaction cannot miss both."""
+        cache = self.cache
+        lock = keys.cache_flight(self.key)
+        value = f"{cache.gateway_id} {job_id}"
+        ttl_ms = int(cache.settings.cache_flight_ttl * 1000)
         try:
-            async with asyncio.timeout(self.cache.settings.cache_lookup_timeout * 4):
-                old = await self.cache.redis.set(
-                    keys.cache_flight(self.key), value, nx=True, px=ttl_ms, get=True
-                )
+            async with asyncio.timeout(cache.settings.cache_lookup_timeout * 4):
+                async with cache.redis.pipeline(transaction=True) as pipe:
+                    pipe.set(lock, value, nx=True, px=ttl_ms, get=True)
+                    pipe.get(keys.cache_entry(self.key))
+                    old, stored = await pipe.execute()
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("single-flight lock unavailable, running alone: %r", exc)
-            return None
+            return None, None
+        found = cache.store.decoded(self.key, stored) if stored is not None else None
+        if found is not None:
+            if old is None:  # taken for nothing: let the next one have it
+                with contextlib.suppress(TimeoutError, RedisError, OSError):
+                    async with asyncio.timeout(cache.settings.cache_lookup_timeout * 4):
+                        await cache.redis.delete(lock)
+            return None, found
         if old is None:
             self.locked = True
-            return None
+            return None, None
         parts = old.split(b" ") if isinstance(old, bytes) else []
         if len(parts) != 2:
-            return None  # not a lock we wrote: run alone rather than follow nothing
-        return bytes(parts[1]).decode()
+            return None, None  # not a lock we wrote: run alone rather than follow nothing
+        return bytes(parts[1]).decode(), None
 
     async def _lead(self, spec: JobSpec) -> None:
         cache = self.cache
