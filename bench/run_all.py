@@ -42,6 +42,7 @@ BENCHMARKS = {
     "recovery": ("bench_recovery.py", 240, 420),
     "streaming": ("bench_streaming.py", 240, 420),
     "overload": ("bench_overload.py", 240, 420),
+    "cache": ("bench_cache.py", 240, 600),
 }
 """name -> (script, smoke timeout s, full timeout s)"""
 

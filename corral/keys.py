@@ -147,3 +147,33 @@ LOAD = f"{PREFIX}:load"
 """String (JSON, ``corral.load.LoadReport``): the degradation level and the figures behind
 it (drain rate and queue ahead per model), written by the active scheduler each pass
 with a TTL, so the level of a scheduler that stopped expires instead of lasting."""
+
+# -- the shared response cache (L2). One hash tag for all of it: the write script keeps
+# the byte count, the expiry index and the entries consistent in one step.
+
+CACHE_TAG = f"{PREFIX}:cache:{{cache}}"
+
+CACHE_INDEX = f"{CACHE_TAG}:index"
+"""Sorted set: entry key -> when it expires (Redis time, ms); evictions take the lowest."""
+
+CACHE_SIZES = f"{CACHE_TAG}:sizes"
+"""Hash: entry key -> its size in bytes, as counted in ``CACHE_STATS`` ``bytes``."""
+
+CACHE_STATS = f"{CACHE_TAG}:stats"
+"""Hash: ``bytes`` (the entries' total size), ``evictions`` (entries evicted to stay
+under CORRAL_CACHE_L2_BYTES) and ``writes`` (entries written)."""
+
+
+def cache_entry(key: str) -> str:
+    """One cached answer (a string with a TTL), by its canonical request hash."""
+    return f"{CACHE_TAG}:e:{key}"
+
+
+def cache_flight(key: str) -> str:
+    """Single-flight lock: ``"<gateway id> <job id>"`` of the job that answers ``key``."""
+    return f"{CACHE_TAG}:flight:{key}"
+
+
+def cache_followed(key: str) -> str:
+    """Set (with a short TTL, refreshed) while another gateway follows the flight's job."""
+    return f"{CACHE_TAG}:followed:{key}"

@@ -195,6 +195,57 @@ class GatewaySettings(CommonSettings):
     retry_after_max: float = Field(
         600.0, gt=0, description="the longest Retry-After any refusal suggests"
     )
+    cache: bool = Field(
+        True,
+        description="shared response cache with single-flight for generate and chat "
+        "(deterministic requests only unless cache_widen)",
+    )
+    cache_widen: bool = Field(
+        False,
+        description="also cache generations that are not deterministic (no temperature 0 "
+        "and no fixed seed); degradation level 2 and above does so regardless",
+    )
+    cache_ttl: float = Field(3600.0, gt=0, description="seconds a cached answer is kept in Redis")
+    cache_ttl_degraded: float = Field(
+        14400.0,
+        gt=0,
+        description="seconds a cached answer is kept when written at degradation level 1 or more",
+    )
+    cache_l1_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="bytes of cached answers each gateway process keeps in memory (L1, LRU; "
+        "0 turns L1 off)",
+    )
+    cache_l1_ttl: float = Field(
+        300.0, gt=0, description="seconds an answer stays in a gateway's in-memory L1"
+    )
+    cache_l2_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="bytes of cached answers kept in Redis (L2) fleet-wide; the entries "
+        "closest to expiry are evicted first beyond it",
+    )
+    cache_entry_max_bytes: int = Field(
+        1024 * 1024, gt=0, description="largest answer cached (bytes); bigger ones are not"
+    )
+    cache_lookup_timeout: float = Field(
+        0.05,
+        gt=0,
+        description="seconds a cache lookup in Redis may take before it counts as a miss",
+    )
+    cache_flight_ttl: float = Field(
+        5.0,
+        gt=0,
+        description="seconds a single-flight lock outlives its gateway (renewed while the "
+        "job runs; followers elsewhere run their own job once it lapses)",
+    )
+    cache_follow_poll: float = Field(
+        0.05,
+        gt=0,
+        description="longest pause between two reads of a shared job's output by a gateway "
+        "whose requests follow a job another gateway runs",
+    )
 
     def resolved_gateway_id(self) -> str:
         return self.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
+from starlette.responses import Response
 
 from corral.errors import ModelNotFound
 from corral.gateway import degrade, inputs
@@ -104,10 +105,20 @@ def _header_timeout(request: Request, ceiling: float) -> float | None:
     return inputs.timeout(request, ceiling)
 
 
-async def relay(request: Request, spec: JobSpec, dialect: Dialect) -> JobResponse:
-    """Enqueue and return the response that answers the client from the job's replies."""
+async def relay(
+    request: Request, spec: JobSpec, dialect: Dialect, *, body: dict[str, Any] | None = None
+) -> Response:
+    """Enqueue and return the response that answers the client from the job's replies.
+
+    ``body`` (the checked request, model resolved) makes the answer cacheable: a
+    generate or chat request then goes through the shared response cache, which may
+    answer it without a job of its own (``corral.gateway.cache``)."""
     state = state_of(request)
     wait = inputs.timeout(request, state.settings.request_timeout)
+    if body is not None and state.cache is not None and spec.kind.streams:
+        return await state.cache.answer(
+            request, spec, dialect, body, wait=wait, level=state.fleet.level
+        )
     return await JobResponse.submit(
         spec,
         state.store,

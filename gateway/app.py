@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from corral import connections, loops
 from corral.errors import QueueFull, RequestError, WaitTooLong
+from corral.gateway.cache import ResponseCache
 from corral.gateway.dialect import openai_error
 from corral.gateway.fleetview import FleetView
 from corral.gateway.replies import ReplyRouter
@@ -98,15 +99,28 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
         )
-        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view, health)
+        cache = (
+            ResponseCache(redis, store, router, settings, gateway_id, health)
+            if settings.cache
+            else None
+        )
+        app.state.corral = GatewayState(
+            settings, gateway_id, redis, store, router, view, health, cache
+        )
         await router.start()
         await view.start()
-        watcher = asyncio.create_task(_watch(door, [router.task, view.task]), name="watch")
+        loops_ = [router.task, view.task]
+        if cache is not None:
+            await cache.start()
+            loops_.append(cache.task)
+        watcher = asyncio.create_task(_watch(door, loops_), name="watch")
         log.info("gateway %s ready", gateway_id)
         try:
             yield
         finally:
             await cancel_and_wait(watcher)
+            if cache is not None:
+                await cache.stop()
             await view.stop()
             await router.stop()
             await pubsub.aclose()

@@ -54,6 +54,8 @@ class FleetView:
         self.health = health
         self.model_grace = model_grace
         self.current = fleet.Fleet()
+        self.level: int = 0
+        """The fleet's degradation level (0 normal ... 3 critical)."""
         self.task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._read_at = 0.0  # monotonic: local ages only

@@ -91,10 +91,14 @@ class JobResponse(Response):
             pass
         finally:
             watcher.cancel()
-            self.router.unregister(self.spec.job_id)
-            if not self._settled:
-                # Shielded: the request task may itself be cancelled (server shutdown).
-                await asyncio.shield(self._cancel("client disconnected"))
+            # Shielded: the request task may itself be cancelled (server shutdown).
+            await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        """The request is over: stop listening, and cancel the job if it did not end."""
+        self.router.unregister(self.spec.job_id)
+        if not self._settled:
+            await self._cancel("client disconnected")
 
     async def _answer(self, send: Send) -> None:
         try:

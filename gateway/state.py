@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from starlette.requests import Request
@@ -12,6 +13,9 @@ from corral.gateway.replies import ReplyRouter
 from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from corral.gateway.cache import ResponseCache
 
 
 @dataclass(slots=True)
@@ -24,6 +28,8 @@ class GatewayState:
     fleet: FleetView
     health: LoopHealth
     """Each background loop's last success, for /healthz."""
+    cache: ResponseCache | None = None
+    """The shared response cache (None when CORRAL_CACHE is off)."""
 
 
 def state_of(request: Request) -> GatewayState:

@@ -17,7 +17,7 @@ def test_every_setting_has_a_row_in_the_configuration_table() -> None:
         for settings in (GatewaySettings, WorkerSettings, SchedulerSettings)
         for name in settings.model_fields
     }
-    rows = set(re.findall(r"^\| `CORRAL_([A-Z_]+)`", README, flags=re.MULTILINE))
+    rows = set(re.findall(r"^\| `CORRAL_([A-Z0-9_]+)`", README, flags=re.MULTILINE))
     assert sorted(n.upper() for n in names) == sorted(rows & {n.upper() for n in names})
     assert rows <= {n.upper() for n in names}  # and no row for a setting that is gone
 

@@ -237,6 +237,15 @@ async def test_level_1_caps_num_predict_and_says_so(
         assert v1.headers["x-corral-degraded"] == "level=1; num_predict=3"
         assert v1.json()["usage"]["completion_tokens"] == 3
         assert v1.json()["choices"][0]["finish_reason"] == "length"
+        # A degraded answer that the cache keeps says so again when it is served from there.
+        exact = {**body, "options": {"temperature": 0}}
+        first = await http.post("/api/generate", json=exact, headers=_prio(9))
+        again = await http.post("/api/generate", json=exact, headers=_prio(9))
+        assert first.headers["x-corral-cache"] == "miss"
+        assert again.headers["x-corral-cache"] == "hit"
+        for answer in (first, again):
+            assert answer.headers["x-corral-degraded"] == "level=1; num_predict=3"
+            assert answer.json()["eval_count"] == 3
 
 
 async def test_the_level_is_on_metrics_status_and_corral_status(

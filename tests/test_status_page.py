@@ -121,6 +121,9 @@ DOCUMENTED: dict[str, tuple[str, set[str]]] = {
     "corral_expected_queue_wait_seconds": ("gauge", set()),
     "corral_drain_rate_jobs_per_second": ("gauge", {"model"}),
     "corral_gateway_waiting_requests": ("gauge", {"gateway"}),
+    "corral_cache_requests": ("counter", {"outcome", "gateway"}),
+    "corral_cache_evictions": ("counter", {"tier"}),
+    "corral_cache_bytes": ("gauge", {"tier"}),
 }
 
 

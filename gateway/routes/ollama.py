@@ -70,7 +70,7 @@ async def _ollama_job(request: Request, kind: JobKind) -> Response:
     check(BY_KIND[kind], incoming.body)
     stream = kind.streams and incoming.body.get("stream", True) is not False
     spec = await make_spec(request, incoming, kind, stream=stream)
-    return await relay(request, spec, OLLAMA)
+    return await relay(request, spec, OLLAMA, body=incoming.body)
 
 
 async def tags(request: Request) -> Response:

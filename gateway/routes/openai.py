@@ -83,7 +83,7 @@ async def _openai_job(
     ask = translate(incoming.body)
     ollama = Incoming(incoming.state, ask.body, incoming.key_priority)
     spec = await make_spec(request, ollama, kind, stream=ask.stream)
-    return await relay(request, spec, _dialect(kind, ask, spec.job_id))
+    return await relay(request, spec, _dialect(kind, ask, spec.job_id), body=ask.body)
 
 
 def _dialect(kind: JobKind, ask: Translated, job_id: str) -> Dialect:

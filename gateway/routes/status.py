@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from corral.gateway import inputs, status_page
+from corral.gateway import cache_metrics, inputs, status_page
 from corral.gateway import metrics as fleet_metrics
 from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
@@ -35,6 +35,8 @@ async def metrics(request: Request) -> Response:
     body = fleet_metrics.render(
         snapshot, gateway_id=state.gateway_id, waiting=len(state.router.waiters)
     )
+    if state.cache is not None:
+        body += await cache_metrics.render(state.cache.store, state.gateway_id)
     return Response(body, media_type=fleet_metrics.CONTENT_TYPE)
 
 
