@@ -696,7 +696,7 @@ class Chaos:
         return "(gateway killed) " if self.gateway_down else ""
 
     async def wait_for_answer(self, http: httpx.AsyncClient, job: ClientJob) -> None:
-        body = {"model": MODEL, "prompt": job.prompt, "stream": job.mode == "stream"}
+        body = _request(job, stream=job.mode == "stream")
         headers = {"x-corral-priority": str(job.priority)}
         url = self.gateway_url + "/api/generate"
 
@@ -742,7 +742,7 @@ class Chaos:
     async def submit_async(self, http: httpx.AsyncClient, job: ClientJob) -> None:
         body = {
             "kind": "generate",
-            "request": {"model": MODEL, "prompt": job.prompt, "stream": False},
+            "request": _request(job, stream=False),
             "priority": job.priority,
             "wait": False,
         }
@@ -1169,6 +1169,21 @@ def _http_ok(url: str) -> bytes | None:
 
 async def _count_nodes(r: Redis, wanted: int) -> bool:
     return int(await r.zcard(keys.NODES)) >= wanted
+
+
+def _request(job: ClientJob, *, stream: bool) -> dict[str, Any]:
+    """The generate body of ``job``. ``num_predict`` is the answer's natural length: the
+    fake treats ``num_predict`` as the exact length (it cycles the words to fill it), so
+    a cap the degradation levels put on a request that names none (as the chaos load
+    raises the level) would otherwise lengthen the answer a real model ends at its
+    natural stop."""
+    natural = len(f"echo: {job.prompt}".split())
+    return {
+        "model": MODEL,
+        "prompt": job.prompt,
+        "stream": stream,
+        "options": {"num_predict": natural},
+    }
 
 
 def _error_text(raw: bytes) -> str:

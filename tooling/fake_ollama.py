@@ -12,6 +12,11 @@ slow ``/api/ps``), and counters record what happened, per request too (``/_fake/
     await server.stop()
 
 Run one from the command line with `corral fake-ollama --port 11434`.
+
+One departure from a real model, kept because benchmarks rely on it: ``num_predict``
+is the answer's exact length (the echo's words are cycled to fill it), where a model
+would stop at its end of sequence first. A request without ``num_predict`` ends at the
+echo's natural end.
 """
 
 from __future__ import annotations
