@@ -418,6 +418,27 @@ class Requests:
             return
         raise StepFailed("an unknown model was answered")
 
+    def cached(self) -> None:
+        body = {
+            "model": GENERATE_MODEL,
+            "prompt": "What is the capital of France?",
+            "stream": False,
+            "options": {"temperature": 0},
+        }
+        print(f"      POST /api/generate {json.dumps(body)}, twice")
+        outcomes = []
+        for _ in range(2):
+            started = time.monotonic()
+            response = self.http.post("/api/generate", json=body)
+            took = (time.monotonic() - started) * 1000
+            outcome = response.headers.get("x-corral-cache", "(none)")
+            outcomes.append(outcome)
+            print(f"      -> {response.status_code} X-Corral-Cache: {outcome} in {took:.1f} ms")
+            if response.status_code != 200:
+                raise StepFailed(f"expected 200, got {response.status_code}: {response.text}")
+        if outcomes[1] != "hit":
+            raise StepFailed(f"the repeated deterministic request was a {outcomes[1]}, not a hit")
+
     def background_job(self) -> None:
         body = {
             "kind": "generate",
@@ -546,6 +567,8 @@ def steps_of(requests: Requests) -> list[Step]:
         ("embed a list of texts", requests.embed),
         ("list the fleet's models", requests.list_models),
         ("models loaded right now", requests.running_models),
+        # Before the burst: the burst raises the degradation level, which changes requests.
+        ("a deterministic request twice: the second from the shared cache", requests.cached),
         ("a burst of requests with priorities", requests.burst),
         ("an unknown model", requests.unknown_model),
         ("a background job: submit now, fetch later", requests.background_job),
