@@ -104,4 +104,5 @@ async def relay(request: Request, spec: JobSpec, dialect: Dialect) -> JobRespons
         dialect,
         max_queue=state.settings.max_queue,
         wait_limit=wait,
+        recorder=state.recorder,
     )

@@ -21,10 +21,12 @@ from corral.gateway.replies import ReplyRouter
 from corral.gateway.routes import jobs, ollama, openai, status
 from corral.gateway.routing import ErrorHandler, FrontDoor
 from corral.gateway.state import GatewayState
+from corral.gateway.telemetry_loop import TelemetryLoop
 from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from corral.tasks import cancel_and_wait
+from corral.telemetry import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +87,31 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
         )
-        app.state.corral = GatewayState(settings, gateway_id, redis, store, router, view, health)
+        recorder = Recorder()
+        telemetry = TelemetryLoop(
+            redis,
+            recorder,
+            health,
+            gateway_id=gateway_id,
+            redis_url=settings.redis_url,
+            node_ttl=settings.node_ttl,
+            gateway_ttl=settings.gateway_ttl,
+        )
+        app.state.corral = GatewayState(
+            settings, gateway_id, redis, store, router, view, health, recorder
+        )
         await router.start()
         await view.start()
-        watcher = asyncio.create_task(_watch(door, [router.task, view.task]), name="watch")
+        await telemetry.start()
+        watcher = asyncio.create_task(
+            _watch(door, [router.task, view.task, telemetry.task]), name="watch"
+        )
         log.info("gateway %s ready", gateway_id)
         try:
             yield
         finally:
             await cancel_and_wait(watcher)
+            await telemetry.stop()
             await view.stop()
             await router.stop()
             await pubsub.aclose()

@@ -12,6 +12,7 @@ from corral.gateway.replies import ReplyRouter
 from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
+from corral.telemetry import Recorder
 
 
 @dataclass(slots=True)
@@ -24,6 +25,8 @@ class GatewayState:
     fleet: FleetView
     health: LoopHealth
     """Each background loop's last success, for /healthz."""
+    recorder: Recorder
+    """This process's latency and request figures, flushed to Redis in the background."""
 
 
 def state_of(request: Request) -> GatewayState:

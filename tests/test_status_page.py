@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Awaitable, Callable
 
 import httpx
 import ollama
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +18,7 @@ from corral.gateway import metrics as fleet_metrics
 from corral.snapshot import NodeStatus, QueueStatus, RetryStatus, Snapshot, StreamStatus
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
-from tests.helpers import until
+from tests.helpers import until, until_value
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 
@@ -32,8 +34,10 @@ def parse(text: str) -> dict[str, float]:
             continue
         if line.startswith("# TYPE "):
             name, kind = line.split()[2:4]
-            assert kind in ("counter", "gauge"), line
+            assert kind in ("counter", "gauge", "histogram"), line
             declared.add(name)
+            if kind == "histogram":
+                declared.update(f"{name}_{suffix}" for suffix in ("bucket", "sum", "count"))
             continue
         match = SAMPLE.match(line)
         assert match, f"not a Prometheus sample line: {line!r}"
@@ -117,6 +121,15 @@ DOCUMENTED: dict[str, tuple[str, set[str]]] = {
     "corral_dead_letter_jobs": ("gauge", set()),
     "corral_gateways_live": ("gauge", set()),
     "corral_gateway_waiting_requests": ("gauge", {"gateway"}),
+    "corral_queue_wait_seconds": ("histogram", {"model", "priority"}),
+    "corral_time_to_first_token_seconds": (
+        "histogram",
+        {"model", "priority", "dialect", "outcome"},
+    ),
+    "corral_request_duration_seconds": ("histogram", {"model", "priority", "dialect", "outcome"}),
+    "corral_requests": ("counter", {"model", "priority", "dialect", "outcome"}),
+    "corral_generation_tokens_per_second": ("histogram", {"node", "model"}),
+    "corral_generated_tokens": ("counter", {"node", "model"}),
 }
 
 
@@ -126,13 +139,43 @@ async def test_metrics_parse_with_prometheus_client_and_count_a_known_workload(
     jobs = 4
     node = cluster.nodes[0]
     gateway = cluster.gateway.state.gateway_id  # type: ignore[union-attr]
+    job = {"model": "llama3:latest", "priority": "5", "dialect": "ollama", "outcome": "done"}
+    tokens = 0
     async with (
         ollama.AsyncClient(host=cluster.url) as client,
         httpx.AsyncClient(base_url=cluster.url, timeout=30) as http,
     ):
         for n in range(jobs):
-            await client.generate(model="llama3", prompt=f"p{n}", options={"num_predict": 1})
-        reply = await http.get("/metrics")
+            answer = await client.generate(
+                model="llama3", prompt=f"p{n}", options={"num_predict": 3 + n}
+            )
+            tokens += answer.eval_count or 0
+        # One answered by OpenAI's client's path, streamed: its own dialect label.
+        streamed = await http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "llama3",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
+        assert streamed.status_code == 200
+        events = [
+            orjson.loads(line[6:])
+            for line in streamed.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        tokens += sum(e["usage"]["completion_tokens"] for e in events if e.get("usage"))
+
+        # Every gateway and worker writes its figures to Redis about once a second.
+        async def flushed() -> str:
+            text = (await http.get("/metrics")).text
+            done = f"corral_request_duration_seconds_count{{{_labels(job)}}} {float(jobs)}"
+            return text if done in text and "corral_generated_tokens_total" in text else ""
+
+        text = await until_value(flushed)
+    reply = httpx.Response(200, text=text, headers={"content-type": CONTENT_TYPE_LATEST})
     assert reply.status_code == 200
     assert reply.headers["content-type"] == CONTENT_TYPE_LATEST
     assert "\n# TYPE corral_job_events_total counter\n" in reply.text
@@ -142,7 +185,7 @@ async def test_metrics_parse_with_prometheus_client_and_count_a_known_workload(
     for name, family in families.items():
         kind, labels = DOCUMENTED[name]
         assert family.type == kind, name
-        assert all(set(sample.labels) == labels for sample in family.samples), name
+        assert all(set(sample.labels) - {"le"} == labels for sample in family.samples), name
 
     def value(name: str, **labels: str) -> float:
         (match,) = [s.value for s in families[name].samples if s.labels == labels]
@@ -150,8 +193,8 @@ async def test_metrics_parse_with_prometheus_client_and_count_a_known_workload(
 
     events = families["corral_job_events"].samples
     assert {s.name for s in events} == {"corral_job_events_total"}
-    assert value("corral_job_events", event="enqueued") == jobs
-    assert value("corral_job_events", event="done") == jobs
+    assert value("corral_job_events", event="enqueued") == jobs + 1
+    assert value("corral_job_events", event="done") == jobs + 1
     assert value("corral_queued_jobs", model="llama3:latest") == 0
     assert value("corral_running_jobs", model="llama3:latest", priority="5") == 0
     assert value("corral_node_up", node=node.node_id) == 1
@@ -162,6 +205,40 @@ async def test_metrics_parse_with_prometheus_client_and_count_a_known_workload(
     assert value("corral_gateways_live") == 1
     assert value("corral_gateway_waiting_requests", gateway=gateway) == 0
     assert value("corral_dead_letter_jobs") == 0
+
+    # The latency histograms and counters match the workload: 4 Ollama requests and 1
+    # OpenAI one, all done at priority 5; every job waited in the queue once.
+    openai_job = {**job, "dialect": "openai"}
+    assert value("corral_requests", **job) == jobs
+    assert value("corral_requests", **openai_job) == 1
+    for name in ("corral_request_duration_seconds", "corral_time_to_first_token_seconds"):
+        counts = [
+            s.value for s in families[name].samples if s.name.endswith("_count") and s.labels == job
+        ]
+        assert counts == [jobs], name
+        buckets = [
+            s
+            for s in families[name].samples
+            if s.name.endswith("_bucket")
+            and {k: v for k, v in s.labels.items() if k != "le"} == job
+        ]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == jobs
+        assert all(a.value <= b.value for a, b in itertools.pairwise(buckets)), "cumulative"
+    waits = [
+        s.value for s in families["corral_queue_wait_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert waits == [jobs + 1]
+    assert value("corral_generated_tokens", node=node.node_id, model="llama3:latest") == tokens
+    speed = [
+        s.value
+        for s in families["corral_generation_tokens_per_second"].samples
+        if s.name.endswith("_count")
+    ]
+    assert speed == [jobs + 1]
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
 
 
 async def test_metrics_and_status_ask_for_a_key_when_keys_are_set(

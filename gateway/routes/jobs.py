@@ -27,6 +27,7 @@ class JobDialect:
     """``POST /jobs`` with ``wait: true`` answers the job view, not the bare Ollama object."""
 
     stream_media_type = "application/json"
+    name = "jobs"
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id.encode()

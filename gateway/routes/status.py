@@ -15,6 +15,7 @@ from corral.gateway import inputs, status_page
 from corral.gateway import metrics as fleet_metrics
 from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
+from corral.telemetry import read_metrics
 
 
 async def _snapshot(state: GatewayState) -> Snapshot:
@@ -31,9 +32,13 @@ async def metrics(request: Request) -> Response:
     state = state_of(request)
     inputs.api_key_priority(request, state.settings)
     snapshot = await _snapshot(state)
-    # Rendering is synchronous and cheap: the Redis reads are all in the snapshot.
+    recorded = await read_metrics(state.redis)
+    # Rendering is synchronous and cheap: the Redis reads are all done.
     body = fleet_metrics.render(
-        snapshot, gateway_id=state.gateway_id, waiting=len(state.router.waiters)
+        snapshot,
+        gateway_id=state.gateway_id,
+        waiting=len(state.router.waiters),
+        recorded=recorded,
     )
     return Response(body, media_type=fleet_metrics.CONTENT_TYPE)
 
