@@ -1,4 +1,4 @@
-"""The fleet at a glance: ``/metrics`` (Prometheus text) and ``/status`` (HTML)."""
+"""The fleet at a glance: ``/metrics`` (Prometheus text), ``/status`` and ``/status.json``."""
 
 from __future__ import annotations
 
@@ -90,8 +90,14 @@ async def test_metrics_count_the_fleet_the_jobs_and_what_waits(
 
         page = await http.get("/status")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert node in page.text and "llama3:latest" in page.text
-        assert "<th>jobs queued</th><td class='num'>1</td>" in page.text
+        assert "/status/dashboard.js" in page.text  # the page draws what /status.json holds
+        status = (await http.get("/status.json")).json()
+        assert [n["node_id"] for n in status["nodes"]] == [node]
+        (queue,) = status["queues"]
+        assert queue["model"] == "llama3:latest" and queue["queued"] == 1
+        (stream,) = queue["streams"]
+        assert (stream["priority"], stream["waiting"], stream["pending"]) == (5, 1, 1)
+        assert status["gateway"] == gateway and status["waiting"] == 2
         for task in (running, queued):
             task.cancel()
         await asyncio.wait([running, queued])
@@ -246,7 +252,7 @@ async def test_metrics_and_status_ask_for_a_key_when_keys_are_set(
 ) -> None:
     cluster = await start_cluster([FakeOllamaConfig()], gateway={"api_keys": "s3cret"})
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
-        for path in ("/metrics", "/status"):
+        for path in ("/metrics", "/status", "/status.json", "/status/series.json"):
             assert (await http.get(path)).status_code == 401
             authorised = await http.get(path, headers={"authorization": "Bearer s3cret"})
             assert authorised.status_code == 200
@@ -278,3 +284,16 @@ def test_metrics_escape_labels_and_leave_out_absent_fields() -> None:
     assert seen["corral_retry_scheduled_jobs"] == 2
     assert seen["corral_dead_letter_jobs"] == 3
     assert "corral_node_busy_slots" not in "".join(seen)  # absent from the record: no sample
+
+
+async def test_series_endpoint_checks_its_query(cluster: LocalCluster) -> None:
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
+        for query in ("resolution=5", "resolution=x", "span=0", "resolution=1&span=301"):
+            reply = await http.get(f"/status/series.json?{query}")
+            assert reply.status_code == 400 and "error" in reply.json(), query
+        reply = await http.get("/status/series.json?resolution=10&span=3600")
+        assert reply.status_code == 200
+        body = reply.json()
+        assert body["step"] == 10
+        assert [g["id"] for g in body["graphs"]][:3] == ["requests", "queued", "wait"]
+        assert all(len(line["values"]) == 360 for g in body["graphs"] for line in g["lines"])
