@@ -154,14 +154,17 @@ def sample(snapshot: Snapshot) -> dict[str, float]:
     return fields
 
 
-async def read_slots(redis: Redis, resolution: int, span: float) -> tuple[int, list[Slot]]:
+async def read_slots(
+    redis: Redis, resolution: int, span: float, now: float | None = None
+) -> tuple[int, list[Slot]]:
     """The slots of the last ``span`` seconds at ``resolution`` (1 or 10), oldest first,
-    ending with the last complete one; returns (the first slot's start, slots)."""
+    ending with the last complete one before ``now`` (default: Redis's clock); returns
+    (the first slot's start, slots)."""
     if resolution not in RETENTION:
         raise ValueError(f"resolution must be one of {sorted(RETENTION)}")
     count = max(1, min(int(span // resolution), RETENTION[resolution] // resolution))
-    now = int(await server_time(redis))
-    last = now - now % resolution - resolution
+    second = int(now if now is not None else await server_time(redis))
+    last = second - second % resolution - resolution
     first = last - (count - 1) * resolution
     async with redis.pipeline(transaction=False) as pipe:
         for start in range(first, last + 1, resolution):
