@@ -69,3 +69,24 @@ def test_status_on_an_empty_redis_says_it_may_be_the_wrong_one(redis_url: str) -
 def test_status_watch_refuses_a_period_of_zero(redis_url: str) -> None:
     done = _status(redis_url, "--watch", "0")
     assert done.returncode == 2 and "--watch" in done.stderr
+
+
+async def test_corral_bench_loads_a_running_gateway(cluster: LocalCluster) -> None:
+    argv = [sys.executable, "-m", "corral.cli", "bench", "--gateway", cluster.url]
+    argv += ["--requests", "12", "--concurrency", "3", "--num-predict", "4", "--json"]
+    done = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    summary = orjson.loads(done.stdout)
+    assert (summary["requests"], summary["ok"], summary["errors"]) == (12, 12, {})
+    assert summary["requests_per_s"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["total_ms"]["p50"] <= summary["total_ms"]["p99"]
+    redis = cluster.gateway.state.redis  # type: ignore[union-attr]
+    assert int(await redis.hget("corral:stats", "done")) == 12
+
+
+def test_corral_bench_refuses_zero_requests() -> None:
+    argv = [sys.executable, "-m", "corral.cli", "bench", "--gateway", "http://x", "--requests", "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "--requests" in done.stderr
