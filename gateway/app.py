@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -49,6 +50,17 @@ async def _request_error(request: Request, exc: Exception) -> Response:
     response = error_response(path, exc.message, status)
     if isinstance(exc, QueueFull):
         response.headers["retry-after"] = "1"
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (404 for an unknown path, 405 for a wrong method) in the
+    path's dialect, like every other error, instead of plain text."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    message = {404: f"{path} not found", 405: f"method {request.method} not allowed on {path}"}
+    response = error_response(path, message.get(exc.status_code, str(exc.detail)), exc.status_code)
+    response.headers.update(exc.headers or {})
     return response
 
 
@@ -120,6 +132,7 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
     routes = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES, *status.ROUTES]
     handlers: dict[type[Exception], ErrorHandler] = {
         RequestError: _request_error,
+        HTTPException: _http_error,
         RedisError: _redis_error,
         Exception: _internal_error,
     }

@@ -72,9 +72,11 @@ async def submit(request: Request) -> Response:
         return await relay(request, spec, JobDialect(spec.job_id))
     state = incoming.state
     depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
-    return json_response(
+    response = json_response(
         {"id": spec.job_id, "state": JobState.QUEUED.value, "queued": depth}, status=202
     )
+    response.headers["x-corral-job-id"] = spec.job_id
+    return response
 
 
 async def openapi(request: Request) -> Response:
@@ -89,7 +91,9 @@ async def get_job(request: Request) -> Response:
     view = await state.store.get(request.path_params["job_id"])
     if view is None:
         raise NotFound("job not found (unknown, or its record expired)")
-    return json_response(view)
+    response = json_response(view)
+    response.headers["x-corral-job-id"] = request.path_params["job_id"]
+    return response
 
 
 async def cancel_job(request: Request) -> Response:
@@ -101,7 +105,9 @@ async def cancel_job(request: Request) -> Response:
         raise NotFound("job not found (unknown, or its record expired)")
     if prior in FINAL_STATES:
         raise RequestError(f"job already {prior.value}", 409)
-    return json_response({"id": job_id, "state": JobState.CANCELLED.value, "was": prior.value})
+    response = json_response({"id": job_id, "state": JobState.CANCELLED.value, "was": prior.value})
+    response.headers["x-corral-job-id"] = job_id
+    return response
 
 
 async def healthz(request: Request) -> Response:
