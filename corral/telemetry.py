@@ -134,15 +134,16 @@ def bucket_index(buckets: Sequence[float], value: float) -> int:
     return bisect.bisect_left(buckets, value)
 
 
-def field_name(values: Sequence[str], suffix: str | None = None) -> bytes:
-    return orjson.dumps([*values, suffix] if suffix is not None else list(values))
+def field_name(values: Sequence[str]) -> bytes:
+    """The Redis hash field of one label set (and bucket): a JSON list."""
+    return orjson.dumps(list(values))
 
 
 @dataclass(slots=True)
 class _Pending:
     """Figures recorded since the last successful flush."""
 
-    metrics: dict[str, dict[bytes, float]] = field(
+    metrics: dict[str, dict[tuple[str, ...], float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
     series: dict[int, dict[str, float]] = field(
@@ -179,19 +180,20 @@ class Recorder:
 
     def observe(self, short: str, labels: Sequence[str], value: float) -> None:
         """Add ``value`` to histogram ``short`` (a key of ``METRICS``) under ``labels``."""
+        # Plain tuples here, JSON only at the flush: this runs once per request.
         metric = METRICS[short]
         index = bucket_index(metric.buckets, value)
         fields = self._pending.metrics[short]
-        fields[field_name(labels, f"b{index}")] += 1
-        fields[field_name(labels, "sum")] += value
-        fields[field_name(labels, "count")] += 1
+        fields[(*labels, f"b{index}")] += 1
+        fields[(*labels, "sum")] += value
+        fields[(*labels, "count")] += 1
         if metric.series:
             self._pending.series[self.second()][f"{metric.series}:b{index}"] += 1
 
     def count(self, short: str, labels: Sequence[str], amount: float = 1) -> None:
         """Add ``amount`` to counter ``short`` under ``labels``."""
         metric = METRICS[short]
-        self._pending.metrics[short][field_name(labels)] += amount
+        self._pending.metrics[short][tuple(labels)] += amount
         if metric.series:
             suffix = labels[metric.labels.index(metric.series_label)]
             self._pending.series[self.second()][f"{metric.series}:{suffix}"] += amount
@@ -211,7 +213,8 @@ class Recorder:
         try:
             async with redis.pipeline(transaction=False) as pipe:
                 for short, fields in pending.metrics.items():
-                    _write_fields(pipe, keys.metric(METRICS[short].name), fields)
+                    encoded = {field_name(names): value for names, value in fields.items()}
+                    _write_fields(pipe, keys.metric(METRICS[short].name), encoded)
                 for resolution, ttl in RETENTION.items():
                     touched: set[str] = set()
                     for second, counts in pending.series.items():

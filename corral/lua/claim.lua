@@ -7,8 +7,8 @@
 -- KEYS: 1..10 the model's streams p0..p9, then the named ones below
 -- ARGV: 1 named arguments (corral.scripts.Claim)
 -- Returns a list of {priority, entry id, job id, kind, request, stream flag, gateway id,
--- attempts, run timeout, seconds it waited in the queue (text)}, most urgent first; empty when nothing waits (the doorbell is
--- cleared then, so stale rings stop).
+-- attempts, run timeout, seconds it waited in the queue (text)}, most urgent first; empty
+-- when nothing waits (the doorbell is cleared then, so stale rings stop).
 local queued_count, doorbell, stats, gateways, receipt_key =
   KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
 local a = cjson.decode(ARGV[1])
