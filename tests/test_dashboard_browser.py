@@ -57,8 +57,11 @@ async def _load(url: str, stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def killable_worker(redis_url: str) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """A ``corral worker`` process (node ``victim``) over its own fake Ollama."""
-    fake = await start_fake_ollama(FakeOllamaConfig(num_parallel=1))
+    """A ``corral worker`` process (node ``victim``) over its own fake Ollama.
+
+    It serves a model the load does not ask for: a job it held when killed would wait for
+    a scheduler to reclaim it, and this fleet runs none."""
+    fake = await start_fake_ollama(FakeOllamaConfig(models=["qwen2:0.5b"], num_parallel=1))
     env = {
         **os.environ,
         "CORRAL_REDIS_URL": redis_url,
@@ -158,4 +161,7 @@ async def test_dashboard_in_chromium(
         finally:
             stop.set()
             await asyncio.wait([load], timeout=30)
+            if not load.done():
+                load.cancel()
+            await asyncio.gather(load, return_exceptions=True)
     assert errors == [], errors
