@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from corral import keys, series
+from corral.gateway.telemetry_loop import TelemetryLoop
+from corral.loops import LoopHealth
 from corral.telemetry import LATENCY_BUCKETS, RETENTION, Histogram, Recorder, quantile, read_metrics
 from corral.tooling.redis_proc import free_port
 
@@ -108,3 +111,34 @@ def test_quantile_interpolates_inside_the_bucket_as_prometheus_does() -> None:
     counts[-1] = 10  # as many past the last bound: +Inf answers the highest bound
     assert quantile(LATENCY_BUCKETS, counts, 0.99) == LATENCY_BUCKETS[-1]
     assert quantile(LATENCY_BUCKETS, [0.0] * len(counts), 0.5) is None
+
+
+async def test_redis_refusing_writes_loses_nothing_and_counts_nothing_twice(redis: Redis) -> None:
+    recorder = Recorder()
+    recorder.count("req", LABELS, 3)
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", "1")  # every write is refused with OOM
+    try:
+        with pytest.raises(ResponseError, match="maxmemory"):
+            await recorder.flush(redis)
+    finally:
+        await redis.config_set("maxmemory", "0")
+    recorder.count("req", LABELS, 2)
+    await recorder.flush(redis)
+    assert (await read_metrics(redis))["req"][LABELS] == 5
+
+
+class BrokenSampler(TelemetryLoop):
+    async def sample(self) -> None:
+        raise RuntimeError("the snapshot failed")
+
+
+async def test_a_failed_sample_does_not_hold_back_the_counts(redis: Redis) -> None:
+    recorder = Recorder()
+    loop = BrokenSampler(
+        redis, recorder, LoopHealth(), gateway_id="g", redis_url="", node_ttl=5, gateway_ttl=5
+    )
+    recorder.count("req", LABELS)
+    with pytest.raises(RuntimeError):
+        await loop.tick()  # loops.every logs it and goes on
+    assert (await read_metrics(redis))["req"][LABELS] == 1
