@@ -7,8 +7,8 @@ the slots' fields (``corral.telemetry`` writes them). The browser dashboard and
 * the response cache's hit rate, once its gateway counts ``cache:hit``/``cache:miss`` in
   the series (a ``METRICS`` entry with ``series="cache"``):
   ``GraphSpec("cache", "Cache hit rate", "%", ratio("cache:hit", ("cache:hit", "cache:miss")))``
-* the degradation level, once a sampler sets a ``level`` gauge:
-  ``GraphSpec("level", "Degradation level", "", gauges("level"))``
+* the degradation level, once the gateway's sampler sets a ``level:fleet`` gauge:
+  ``GraphSpec("level", "Degradation level", "", gauges("level:"))``
 """
 
 from __future__ import annotations

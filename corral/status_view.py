@@ -20,6 +20,9 @@ from corral.snapshot import NodeStatus, QueueStatus, Snapshot
 RATE_WINDOW = 10
 """Seconds of series the rates are averaged over."""
 
+LEVEL = "level:fleet"
+"""The series gauge of the degradation level (shown once a sampler writes it)."""
+
 
 @dataclass(slots=True)
 class Rates:
@@ -32,7 +35,7 @@ class Rates:
     latency: dict[str, float | None] = field(default_factory=dict)
     """``total p50``, ``total p95``, ``wait p95`` ... in seconds (None: no request)."""
     gauges: dict[str, float] = field(default_factory=dict)
-    """The last sampled gauges (``level`` once degradation levels exist)."""
+    """The last sampled gauges (``level:fleet`` once degradation levels exist)."""
 
 
 def rates(slots: list[Slot]) -> Rates:
@@ -59,7 +62,7 @@ def to_json(rates_: Rates) -> dict[str, Any]:
         "requests_per_s": rates_.requests,
         "tokens_per_s": rates_.tokens,
         "latency_s": rates_.latency,
-        "level": rates_.gauges.get("level"),
+        "level": rates_.gauges.get(LEVEL),
     }
 
 
@@ -98,7 +101,7 @@ def _summary(snapshot: Snapshot, rates_: Rates) -> Text:
         style="red" if retries.dead_letters else "",
     )
     text.append(f"gateways {snapshot.gateways}")
-    level = rates_.gauges.get("level")
+    level = rates_.gauges.get(LEVEL)
     if level is not None:
         text.append(f"  level {level:g}", style="red" if level else "")
     return text
