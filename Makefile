@@ -43,8 +43,8 @@ format: venv ## apply ruff format and ruff's automatic fixes
 demo: venv ## start Redis, a gateway, workers and a fake Ollama; run a demo; tear down
 	$(BIN)/corral demo
 
-run: venv ## like demo, but keep everything running until Ctrl-C
-	$(BIN)/corral demo --keep
+run: venv ## like demo, but keep everything running until Ctrl-C (PORT=11434 picks the gateway's port)
+	$(BIN)/corral demo --keep $(if $(PORT),--port $(PORT))
 
 bench: venv ## run the benchmarks
 	$(BIN)/python bench/run_all.py
@@ -52,8 +52,15 @@ bench: venv ## run the benchmarks
 bench-smoke: venv ## run each benchmark briefly (a quick check that they work)
 	$(BIN)/python bench/run_all.py --smoke
 
-dashboard: venv ## rq-dashboard on CORRAL_REDIS_URL (default redis://127.0.0.1:6379/0)
-	$(BIN)/rq-dashboard --redis-url $${CORRAL_REDIS_URL:-redis://127.0.0.1:6379/0}
+# rq-dashboard listens on localhost only (reach it from elsewhere through an SSH tunnel);
+# RQ_DASHBOARD_USERNAME/PASSWORD turn on its basic auth. Its Redis: CORRAL_REDIS_URL, else
+# the one a running `make run` wrote to .corral/run.env, else 127.0.0.1:6379/0.
+dashboard: venv ## rq-dashboard (dead letters) on 127.0.0.1:9181, on the Redis of `make run` or CORRAL_REDIS_URL
+	@if [ -z "$${CORRAL_REDIS_URL:-}" ] && [ -f .corral/run.env ]; then . ./.corral/run.env; fi; \
+	url=$${CORRAL_REDIS_URL:-redis://127.0.0.1:6379/0}; \
+	echo "rq-dashboard on http://127.0.0.1:$${RQ_DASHBOARD_PORT:-9181} for $$url"; \
+	$(BIN)/rq-dashboard --bind 127.0.0.1 --port $${RQ_DASHBOARD_PORT:-9181} --redis-url "$$url" \
+		$${RQ_DASHBOARD_USERNAME:+--username "$$RQ_DASHBOARD_USERNAME" --password "$$RQ_DASHBOARD_PASSWORD"}
 
 clean: ## remove caches and build output (keeps .venv)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dlq": ("corral.scheduler.dlq", "list, retry or purge dead-lettered jobs"),
     "fake-ollama": ("corral.tooling.fake_ollama", "run a simulated Ollama node"),
     "demo": ("corral.tooling.demo", "start a local fleet and send it real requests"),
-    "bench": ("corral.tooling.benchmarks", "run the benchmarks in bench/"),
+    "bench": (
+        "corral.tooling.benchmarks",
+        "load a running gateway (--gateway URL), or run the benchmarks in bench/",
+    ),
 }
 
 

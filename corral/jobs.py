@@ -102,6 +102,8 @@ class ClaimedJob:
     gateway_id: str
     attempt: int
     run_timeout: float = 0.0
+    waited: float = 0.0
+    """Seconds from enqueue to this claim, on Redis's clock."""
 
     @property
     def stream_key(self) -> str:
@@ -203,8 +205,11 @@ class JobStore:
                 gateway_id=gw.decode(),
                 attempt=int(attempt),
                 run_timeout=float(run_timeout or 0),
+                waited=float(rest[0]) if rest else 0.0,
             )
-            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout in reply or ()
+            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout, *rest in (
+                reply or ()
+            )
         ]
 
     def claim_args(self, consumer: str, want: int) -> Claim:

@@ -177,3 +177,19 @@ def cache_flight(key: str) -> str:
 def cache_followed(key: str) -> str:
     """Set (with a short TTL, refreshed) while another gateway follows the flight's job."""
     return f"{CACHE_TAG}:followed:{key}"
+
+
+def metric(name: str) -> str:
+    """Hash of one metric's cumulative fleet-wide values (``corral.telemetry``)."""
+    return f"{PREFIX}:metric:{name}"
+
+
+def series(resolution: int, second: int) -> str:
+    """Hash of what happened fleet-wide in one ``resolution``-second slot starting at
+    ``second`` (Redis time), for the dashboard's graphs; expires after its retention."""
+    return f"{PREFIX}:ts:{resolution}:{second}"
+
+
+def sample_lock(second: int) -> str:
+    """Taken (SET NX) by the one gateway that samples the fleet's gauges for that second."""
+    return f"{PREFIX}:ts:sampled:{second}"

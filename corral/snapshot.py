@@ -39,6 +39,8 @@ class StreamStatus:
     length: int
     pending: int
     """Entries handed to a worker and not yet acknowledged: jobs running."""
+    waiting: int = 0
+    """Entries not yet handed to any worker (the group's lag): jobs queued."""
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ async def take_snapshot(
         for model, priority in present:
             pipe.xlen(keys.stream(model, priority))
             pipe.xpending(keys.stream(model, priority), keys.GROUP)
+            pipe.xinfo_groups(keys.stream(model, priority))
         replies = iter(await pipe.execute(raise_on_error=False))
     blobs = [_value(next(replies)) for _ in node_ids]
     counts = [_value(next(replies)) for _ in models]
@@ -121,7 +124,8 @@ async def take_snapshot(
     for model, priority in present:
         length, summary = _value(next(replies)), next(replies)  # XPENDING may fail: no group
         pending = int(summary.get("pending", 0)) if isinstance(summary, dict) else 0
-        queues[model].streams.append(StreamStatus(priority, int(length), pending))
+        waiting = _lag(next(replies))
+        queues[model].streams.append(StreamStatus(priority, int(length), pending, waiting))
     return Snapshot(
         redis_url=redis_url,
         taken_at=now,
@@ -132,6 +136,20 @@ async def take_snapshot(
         gateways=int(gateways),
         load=LoadReport.decode(load),
     )
+
+
+def _lag(groups: Any) -> int:
+    """Corral's group's lag from ``XINFO GROUPS`` (0 when the stream or group is missing,
+    or the lag is unknown after a deletion inside the stream)."""
+    if not isinstance(groups, list):
+        return 0
+    for group in groups:
+        if isinstance(group, dict) and text(group.get("name", b"")) == keys.GROUP:
+            try:
+                return int(group.get("lag") or 0)
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 def _value(reply: Any) -> Any:

@@ -126,4 +126,5 @@ async def relay(
         dialect,
         max_queue=state.settings.max_queue,
         wait_limit=wait,
+        recorder=state.recorder,
     )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,11 +23,13 @@ from corral.gateway.replies import ReplyRouter
 from corral.gateway.routes import jobs, ollama, openai, status
 from corral.gateway.routing import ErrorHandler, FrontDoor
 from corral.gateway.state import GatewayState, state_of
+from corral.gateway.telemetry_loop import TelemetryLoop
 from corral.jobs import JobStore
 from corral.load import retry_after
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from corral.tasks import cancel_and_wait
+from corral.telemetry import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,17 @@ def _retry_headers(request: Request, exc: QueueFull, response: Response) -> None
         response.headers["x-corral-queue-wait"] = f"{exc.wait:.1f}"
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (404 for an unknown path, 405 for a wrong method) in the
+    path's dialect, like every other error, instead of plain text."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    message = {404: f"{path} not found", 405: f"method {request.method} not allowed on {path}"}
+    response = error_response(path, message.get(exc.status_code, str(exc.detail)), exc.status_code)
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _redis_error(request: Request, exc: Exception) -> Response:
     log.error("Redis failed during %s: %s", request.url.path, exc)
     return error_response(request.url.path, "the job queue is unavailable, try again", 503)
@@ -99,17 +113,28 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
         )
+        recorder = Recorder()
+        telemetry = TelemetryLoop(
+            redis,
+            recorder,
+            health,
+            gateway_id=gateway_id,
+            redis_url=settings.redis_url,
+            node_ttl=settings.node_ttl,
+            gateway_ttl=settings.gateway_ttl,
+        )
         cache = (
-            ResponseCache(redis, store, router, settings, gateway_id, health)
+            ResponseCache(redis, store, router, settings, gateway_id, health, recorder)
             if settings.cache
             else None
         )
         app.state.corral = GatewayState(
-            settings, gateway_id, redis, store, router, view, health, cache
+            settings, gateway_id, redis, store, router, view, health, recorder, cache
         )
         await router.start()
         await view.start()
-        loops_ = [router.task, view.task]
+        await telemetry.start()
+        loops_ = [router.task, view.task, telemetry.task]
         if cache is not None:
             await cache.start()
             loops_.append(cache.task)
@@ -121,6 +146,7 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             await cancel_and_wait(watcher)
             if cache is not None:
                 await cache.stop()
+            await telemetry.stop()
             await view.stop()
             await router.stop()
             await pubsub.aclose()
@@ -129,6 +155,7 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
     routes = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES, *status.ROUTES]
     handlers: dict[type[Exception], ErrorHandler] = {
         RequestError: _request_error,
+        HTTPException: _http_error,
         RedisError: _redis_error,
         Exception: _internal_error,
     }

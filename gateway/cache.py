@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -26,12 +27,13 @@ from corral.gateway.cache_key import CACHEABLE_KINDS, cache_key, deterministic
 from corral.gateway.cache_store import Answer, CacheStore
 from corral.gateway.dialect import Dialect
 from corral.gateway.flights import Flight, renew_locks
-from corral.gateway.relay import DEGRADED_HEADER, JSON_TYPE, JobResponse, _start
+from corral.gateway.relay import DEGRADED_HEADER, JSON_TYPE, JobResponse, _start, request_labels
 from corral.gateway.replies import Inbox, ReplyRouter
 from corral.jobs import JobSpec, JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
 from corral.tasks import cancel_and_wait
+from corral.telemetry import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,11 @@ class ResponseCache:
         settings: GatewaySettings,
         gateway_id: str,
         health: LoopHealth,
+        recorder: Recorder | None = None,
     ) -> None:
         self.redis = redis
+        self.recorder = recorder
+        """Where each outcome is counted for the dashboard's hit-rate graph."""
         self.store_jobs = store_jobs
         self.router = router
         self.settings = settings
@@ -98,6 +103,7 @@ class ResponseCache:
         ``level`` is the fleet's degradation level: from 2 on, answers that are not
         deterministic are cached and shared too."""
         settings = self.settings
+        started = time.perf_counter()
         if (
             spec.kind not in CACHEABLE_KINDS
             or request.headers.get(HEADER, "").strip().lower() == "bypass"
@@ -107,8 +113,8 @@ class ResponseCache:
         key = cache_key(spec.kind, spec.stream, body)
         found = self.store.local(key)
         if found is not None:
-            self.store.outcomes["hit"] += 1
-            return CachedResponse(found, dialect, stream=spec.stream, degraded=spec.degraded)
+            self._count("hit")
+            return CachedResponse(found, dialect, spec, self.recorder, started)
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(self, key, spec, level)
@@ -120,8 +126,13 @@ class ResponseCache:
             await asyncio.shield(flight.leave(inbox))
             raise
         outcome = _MISS if flight.leading and inbox is flight.first else _HIT
-        self.store.outcomes[outcome.decode()] += 1
-        return FlightResponse(flight, inbox, spec, dialect, wait, outcome)
+        self._count(outcome.decode())
+        return FlightResponse(flight, inbox, spec, dialect, wait, outcome, started)
+
+    def _count(self, outcome: str) -> None:
+        self.store.outcomes[outcome] += 1
+        if self.recorder is not None:
+            self.recorder.tick(f"cache:{outcome}")
 
     async def bypass(self, spec: JobSpec, dialect: Dialect, wait: float) -> JobResponse:
         response = await JobResponse.submit(
@@ -131,33 +142,48 @@ class ResponseCache:
             dialect,
             max_queue=self.settings.max_queue,
             wait_limit=wait,
+            recorder=self.recorder,
         )
         response.extra_headers.append((HEADER.encode(), _BYPASS))
-        self.store.outcomes["bypass"] += 1
+        self._count("bypass")
         return response
 
 
 class CachedResponse(Response):
     """An answer from L1, written as the job's answer would be, in one write."""
 
-    def __init__(self, answer: Answer, dialect: Dialect, *, stream: bool, degraded: str) -> None:
+    def __init__(
+        self,
+        answer: Answer,
+        dialect: Dialect,
+        spec: JobSpec,
+        recorder: Recorder | None,
+        started: float,
+    ) -> None:
         self.answer = answer
         self.dialect = dialect
-        self.stream = stream
-        self.degraded = degraded
+        self.spec = spec
+        self.recorder = recorder
+        self.started = started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(HEADER.encode(), _HIT)]
-        if self.degraded:
-            headers.append((DEGRADED_HEADER, self.degraded.encode()))
+        if self.spec.degraded:
+            headers.append((DEGRADED_HEADER, self.spec.degraded.encode()))
         dialect, answer = self.dialect, self.answer
-        if self.stream:
+        if self.spec.stream:
             body = b"".join([*map(dialect.chunk, answer.chunks), dialect.last(answer.final)])
             await _start(send, 200, dialect.stream_media_type.encode(), headers, None)
         else:
             body = dialect.single(answer.final)
             await _start(send, 200, JSON_TYPE, headers, len(body))
         await send({"type": "http.response.body", "body": body})
+        if self.recorder is not None:  # counted like any answered request
+            labels = request_labels(self.spec, dialect, "done")
+            took = time.perf_counter() - self.started
+            self.recorder.count("req", labels)
+            self.recorder.observe("ttft", labels, took)
+            self.recorder.observe("total", labels, took)
 
 
 class FlightResponse(JobResponse):
@@ -172,9 +198,19 @@ class FlightResponse(JobResponse):
         dialect: Dialect,
         timeout: float,
         outcome: bytes,
+        started: float,
     ) -> None:
         cache = flight.cache
-        super().__init__(spec, cache.store_jobs, cache.router, dialect, inbox, timeout)
+        super().__init__(
+            spec,
+            cache.store_jobs,
+            cache.router,
+            dialect,
+            inbox,
+            timeout,
+            cache.recorder,
+            started,
+        )
         self.flight = flight
         self.extra_headers = [(HEADER.encode(), outcome)]
         if spec.degraded:

@@ -14,6 +14,8 @@ import orjson
 
 class Dialect(Protocol):
     stream_media_type: str
+    name: str
+    """The ``dialect`` label of the latency metrics: ``ollama``, ``openai`` or ``jobs``."""
 
     def chunk(self, payload: bytes) -> bytes:
         """Bytes to write for one streamed chunk (``b""`` writes nothing)."""
@@ -35,6 +37,7 @@ class OllamaDialect:
     """Ollama's own format: chunks and results are forwarded untouched."""
 
     stream_media_type = "application/x-ndjson"
+    name = "ollama"
 
     def chunk(self, payload: bytes) -> bytes:
         return payload + b"\n"

@@ -1,7 +1,11 @@
 """The fleet's Prometheus metrics, built with prometheus-client from one snapshot.
 
 Every figure comes from Redis, so any gateway process answers for the whole fleet; the
-only per-process figure is the gateway's own count of waiting requests.
+only per-process figure is the gateway's own count of waiting requests. The latency
+histograms and request counters too are the fleet's: every gateway and worker adds its
+figures to Redis about once a second (``corral.telemetry``), so a scrape of any gateway
+shows all of them, at most a second or two late. Scrape one gateway (or take ``max``
+across gateways), not ``sum``: each gateway exposes the same fleet-wide totals.
 
 Each scrape builds its own registry around a collector over the snapshot taken for it,
 so nothing is global. The library's default ``REGISTRY`` is never used: its process and
@@ -14,10 +18,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from corral.snapshot import Snapshot
+from corral.telemetry import METRICS, Histogram
+from corral.telemetry import Metric as Recorded
+
+Recordings = dict[str, dict[tuple[str, ...], Histogram | float]]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -28,20 +41,33 @@ LIVE_STATES = frozenset({"running", "draining", "ollama-down"})
 """Node states whose heartbeat is fresh (``stale`` and ``gone`` are the others)."""
 
 
-def render(snapshot: Snapshot, *, gateway_id: str, waiting: int) -> bytes:
-    """The text exposition of ``snapshot`` (synchronous: the Redis reads are done)."""
+def render(
+    snapshot: Snapshot, *, gateway_id: str, waiting: int, recorded: Recordings | None = None
+) -> bytes:
+    """The text exposition of ``snapshot`` and the recorded histograms and counters
+    (synchronous: the Redis reads are done)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(snapshot, gateway_id=gateway_id, waiting=waiting))
+    registry.register(
+        FleetCollector(snapshot, gateway_id=gateway_id, waiting=waiting, recorded=recorded)
+    )
     return generate_latest(registry)
 
 
 class FleetCollector(Collector):
     """A prometheus-client collector over one fleet snapshot (see README's metric table)."""
 
-    def __init__(self, snapshot: Snapshot, *, gateway_id: str, waiting: int) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        *,
+        gateway_id: str,
+        waiting: int,
+        recorded: Recordings | None = None,
+    ) -> None:
         self.snapshot = snapshot
         self.gateway_id = gateway_id
         self.waiting = waiting
+        self.recorded = recorded or {}
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self.snapshot
@@ -85,6 +111,29 @@ class FleetCollector(Collector):
             ["gateway"],
             [([self.gateway_id], self.waiting)],
         )
+        for short, metric in METRICS.items():
+            yield _recorded(metric, self.recorded.get(short, {}))
+
+
+def _recorded(metric: Recorded, values: dict[tuple[str, ...], Histogram | float]) -> Metric:
+    labels = list(metric.labels)
+    if not metric.histogram:
+        counter = CounterMetricFamily(metric.name, metric.help, labels=labels)
+        for label_values, value in sorted(values.items()):
+            if not isinstance(value, Histogram):
+                counter.add_metric(list(label_values), value)
+        return counter
+    family = HistogramMetricFamily(metric.name, metric.help, labels=labels)
+    bounds = [*(f"{b:g}" for b in metric.buckets), "+Inf"]
+    for label_values, hist in sorted(values.items()):
+        if not isinstance(hist, Histogram):
+            continue
+        cumulative, running = [], 0.0
+        for bound, count in zip(bounds, hist.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(list(label_values), cumulative, sum_value=hist.total)
+    return family
 
 
 def _gauge(

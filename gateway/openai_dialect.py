@@ -76,6 +76,7 @@ class _OpenAIDialect:
 
     stream_media_type = "text/event-stream"
     object_name = ""
+    name = "openai"
 
     def __init__(self, completion_id: str, model: str, *, include_usage: bool = False) -> None:
         self.id = completion_id

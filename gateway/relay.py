@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from corral import protocol
+from corral.errors import QueueFull
 from corral.gateway.dialect import Dialect
 from corral.gateway.replies import DISCONNECTED, Inbox, ReplyRouter
 from corral.jobs import JobSpec, JobStore
 from corral.protocol import Reply
+from corral.telemetry import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class JobResponse(Response):
         dialect: Dialect,
         queue: Inbox,
         timeout: float,
+        recorder: Recorder | None = None,
+        started: float = 0.0,
     ) -> None:
         # Not Response.__init__: this response has no body up front, only a job to relay.
         self.spec = spec
@@ -62,6 +67,12 @@ class JobResponse(Response):
         if spec.degraded:
             self.extra_headers.append((DEGRADED_HEADER, spec.degraded.encode()))
         self._settled = False
+        self.recorder = recorder
+        self.started = started
+        """``time.perf_counter()`` before the enqueue: where its latencies start."""
+        self.first_at = 0.0
+        self.outcome = "disconnected"
+        """The ``outcome`` label: done, error, timeout or disconnected."""
 
     @classmethod
     async def submit(
@@ -73,15 +84,19 @@ class JobResponse(Response):
         *,
         max_queue: int,
         wait_limit: float,
+        recorder: Recorder | None = None,
     ) -> JobResponse:
         """Enqueue the job, listening for its replies first so none can be missed."""
+        started = time.perf_counter()
         queue = router.register(spec.job_id)
         try:
             await store.enqueue(spec, max_queue=max_queue)
-        except BaseException:
+        except BaseException as exc:
             router.unregister(spec.job_id)
+            if recorder is not None and isinstance(exc, QueueFull):
+                recorder.count("req", request_labels(spec, dialect, "rejected"))
             raise
-        return cls(spec, store, router, dialect, queue, wait_limit)
+        return cls(spec, store, router, dialect, queue, wait_limit, recorder, started)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._watch_client(receive))
@@ -91,6 +106,7 @@ class JobResponse(Response):
             pass
         finally:
             watcher.cancel()
+            self._record()
             # Shielded: the request task may itself be cancelled (server shutdown).
             await asyncio.shield(self._release())
 
@@ -100,10 +116,23 @@ class JobResponse(Response):
         if not self._settled:
             await self._cancel("client disconnected")
 
+    def _record(self) -> None:
+        """Count the request and its latencies: in memory only, flushed in the background."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        labels = request_labels(self.spec, self.dialect, self.outcome)
+        recorder.count("req", labels)
+        end = time.perf_counter()
+        recorder.observe("total", labels, end - self.started)
+        if self.first_at:
+            recorder.observe("ttft", labels, self.first_at - self.started)
+
     async def _answer(self, send: Send) -> None:
         try:
             first = await self._next()
         except JobTimeout:
+            self.outcome = "timeout"
             await self._cancel(f"no node answered within {self.timeout:g}s", expired=True)
             await self._send_error(
                 send, f"timed out after {self.timeout:g}s waiting for a node", 504
@@ -111,13 +140,16 @@ class JobResponse(Response):
             return
         if first is DISCONNECTED:
             return
+        self.first_at = time.perf_counter()
         if first.type == protocol.ERROR:
+            self.outcome = "error"
             self._settled = True
             message, status = protocol.parse_error(first.payload)
             await self._send_error(send, message, status)
             return
         if not self.spec.stream:
             self._settled = first.final
+            self.outcome = "done"
             body = self.dialect.single(first.payload)
             await _start(send, 200, JSON_TYPE, self.extra_headers, len(body))
             await send({"type": "http.response.body", "body": body})
@@ -155,14 +187,17 @@ class JobResponse(Response):
                     break
                 self._settled = True
                 if final.type == protocol.DONE:
+                    self.outcome = "done"
                     body = self.dialect.last(final.payload)
                 else:
+                    self.outcome = "error"
                     body = self.dialect.stream_error(*protocol.parse_error(final.payload))
                 await send({"type": "http.response.body", "body": body})
                 return
             try:
                 reply = await self._next()
             except JobTimeout:
+                self.outcome = "timeout"
                 await self._cancel(f"no output for {self.timeout:g}s", expired=True)
                 body = self.dialect.stream_error(f"no output for {self.timeout:g}s", 504)
                 self._settled = True
@@ -205,3 +240,8 @@ async def _start(
     if length is not None:
         raw.append((b"content-length", str(length).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
+
+
+def request_labels(spec: JobSpec, dialect: Dialect, outcome: str) -> tuple[str, str, str, str]:
+    """The labels a request is counted under (model, priority, dialect, outcome)."""
+    return (spec.model, str(spec.priority), dialect.name, outcome)

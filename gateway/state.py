@@ -13,6 +13,7 @@ from corral.gateway.replies import ReplyRouter
 from corral.jobs import JobStore
 from corral.loops import LoopHealth
 from corral.settings import GatewaySettings
+from corral.telemetry import Recorder
 
 if TYPE_CHECKING:
     from corral.gateway.cache import ResponseCache
@@ -28,6 +29,8 @@ class GatewayState:
     fleet: FleetView
     health: LoopHealth
     """Each background loop's last success, for /healthz."""
+    recorder: Recorder
+    """This process's latency and request figures, flushed to Redis in the background."""
     cache: ResponseCache | None = None
     """The shared response cache (None when CORRAL_CACHE is off)."""
 

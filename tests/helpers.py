@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 async def until(
@@ -18,3 +21,11 @@ async def until(
         while (value := await probe()) != expected:  # noqa: ASYNC110 - no event to wait on
             await asyncio.sleep(0.01)
     assert value == expected
+
+
+async def until_value(probe: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
+    """Poll ``probe`` until it returns something truthy, and return that (deadline-bound)."""
+    async with asyncio.timeout(within):
+        while not (value := await probe()):  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.05)
+    return value

@@ -262,10 +262,10 @@ async def test_the_level_is_on_metrics_status_and_corral_status(
     await _set_level(cluster, redis, report)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
         metrics = (await http.get("/metrics")).text
-        page = (await http.get("/status")).text
+        page = (await http.get("/status.json")).json()  # what the dashboard draws
     assert "\ncorral_degradation_level 2.0\n" in metrics
     assert 'corral_drain_rate_jobs_per_second{model="llama3:latest"} 0.4' in metrics
-    assert "degradation level" in page and "2 (major), load 0.85" in page
+    assert page["level"] == 2 and page["load"]["load"] == 0.85
     snapshot = await take_snapshot(redis, "redis://test", node_ttl=6.0, gateway_ttl=30.0)
     text = status.render(snapshot)
     assert "LEVEL  2 (major)  load 0.85" in text and "expected wait 12.5s" in text

@@ -1,4 +1,5 @@
-"""``corral bench``: run the benchmarks in ``bench/`` (``bench/run_all.py``).
+"""``corral bench``: run the benchmarks in ``bench/`` (``bench/run_all.py``), or, with
+``--gateway URL``, load a running gateway (``corral.tooling.loadgen``).
 
 The benchmarks live in the source tree, not in the installed package: this looks for
 ``bench/run_all.py`` under the current directory, then next to the ``corral`` package
@@ -29,6 +30,10 @@ def find_run_all(cwd: Path | None = None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if any(a == "--gateway" or a.startswith("--gateway=") for a in args):
+        from corral.tooling import loadgen
+
+        return loadgen.main(args)
     script = find_run_all()
     if script is None:
         print(

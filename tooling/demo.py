@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import ollama
@@ -670,13 +671,45 @@ def curl_examples(url: str, redis_url: str) -> list[str]:
     ]
 
 
+RUN_ENV = Path(".corral") / "run.env"
+"""Where a kept fleet leaves its addresses, for ``make dashboard`` and scripts."""
+
+
+def client_hints(url: str, redis_url: str) -> list[str]:
+    """How to point clients and ``redis-cli`` at this fleet (its ports are its own)."""
+    redis = urlsplit(redis_url)
+    return [
+        f"export OLLAMA_HOST={url}        # the ollama CLI and Python client",
+        f"export OPENAI_BASE_URL={url}/v1  # OpenAI clients",
+        f"export CORRAL_REDIS_URL={redis_url}",
+        f"redis-cli -h {redis.hostname} -p {redis.port} HGETALL corral:stats",
+        "make dashboard                  # rq-dashboard (dead letters) on this Redis",
+    ]
+
+
+def write_run_env(fleet: DemoFleet, path: Path = RUN_ENV) -> None:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        f"CORRAL_REDIS_URL={shlex.quote(fleet.redis_url)}\n"
+        f"CORRAL_GATEWAY_URL={shlex.quote(fleet.gateway_url)}\n"
+    )
+
+
 def wait_for_ctrl_c(fleet: DemoFleet) -> None:
     """Print how to use the running fleet, then idle until Ctrl-C (or SIGTERM)."""
     print(f"\nthe fleet keeps running: gateway {fleet.gateway_url}, logs in {fleet.logdir}")
+    print("point clients at it:")
+    for line in client_hints(fleet.gateway_url, fleet.redis_url):
+        print(f"  {line}")
     print("try, from another terminal:")
     for line in curl_examples(fleet.gateway_url, fleet.redis_url):
         print(f"  {line}")
+    print(f"open {fleet.gateway_url}/status for the live dashboard")
     print("press Ctrl-C to stop", flush=True)
+    try:
+        write_run_env(fleet)
+    except OSError as exc:  # a read-only directory: only make dashboard loses its default
+        print(f"(could not write {RUN_ENV}: {exc})")
     try:
         # Polled, not a bare wait: a process that dies while we idle should be reported.
         while True:
@@ -684,6 +717,8 @@ def wait_for_ctrl_c(fleet: DemoFleet) -> None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         print()
+    finally:
+        RUN_ENV.unlink(missing_ok=True)
 
 
 def run(fleet: DemoFleet, keep: bool) -> int:

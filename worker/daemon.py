@@ -32,11 +32,15 @@ from corral.settings import WorkerSettings
 from corral.streams import existing_streams
 from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
+from corral.telemetry import Recorder
 from corral.worker.aggregate import Aggregator
 from corral.worker.metrics import HostMetrics, host_addresses
 from corral.worker.ollama import OllamaClient
 
 log = logging.getLogger(__name__)
+
+TELEMETRY_INTERVAL = 1.0
+"""Seconds between writes of this worker's queue waits and token counts to Redis."""
 
 STRANDED_AFTER = 5.0
 """Seconds a pending entry of this node must have been idle before it counts as stranded."""
@@ -110,6 +114,8 @@ class Worker:
         self._version = ""
         self.stranded_after = STRANDED_AFTER
         self._backoff = loops.Backoff(base=0.2, cap=2.0)
+        self.recorder = Recorder()
+        """Queue waits and generation speed, flushed to Redis by the telemetry loop."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class Worker:
             ("loaded-models", beat, self.refresh_loaded, None),
             ("models", self.settings.models_refresh, self.refresh_models, None),
             ("upkeep", beat, self.upkeep, None),
+            ("telemetry", TELEMETRY_INTERVAL, self.flush_telemetry, None),
         ]
         background = [
             asyncio.create_task(
@@ -186,6 +193,8 @@ class Worker:
             await asyncio.wait(leftover)
         for task in background:
             await cancel_and_wait(task)
+        with contextlib.suppress(*REDIS_WRITE_ERRORS):
+            await self.flush_telemetry()
         try:
             held = await self.pending_entries()
             if held:
@@ -462,7 +471,11 @@ class Worker:
             [keys.doorbell(m) for m in models], timeout=self.settings.bell_timeout
         )
 
+    async def flush_telemetry(self) -> None:
+        await self.recorder.flush(self.redis)
+
     def _start(self, job: ClaimedJob) -> None:
+        self.recorder.observe("wait", (job.model, str(job.priority)), job.waited)
         task = asyncio.create_task(self._run(job), name=f"job-{job.job_id}")
         self._running[job.job_id] = (task, job)
         task.add_done_callback(lambda t: self._finished(job.job_id, t))
@@ -585,8 +598,21 @@ class Worker:
                 progress.sent += 1
         if not aggregate.done:
             raise BackendError("Ollama ended the stream before it was done", 502, retriable=True)
+        self._record_speed(job, aggregate.final or {})
         result = orjson.dumps(aggregate.result())
         return result, last if job.stream else result
+
+    def _record_speed(self, job: ClaimedJob, final: dict[str, Any]) -> None:
+        """Tokens generated and their rate, from Ollama's own counts in the last chunk."""
+        tokens, nanos = final.get("eval_count"), final.get("eval_duration")
+        if not isinstance(tokens, int) or tokens <= 0:
+            return
+        labels = (self.node_id, job.model)
+        self.recorder.count("tok", labels, tokens)
+        if isinstance(nanos, int | float) and nanos > 0:
+            self.recorder.observe(
+                "corral_generation_tokens_per_second", labels, tokens / (nanos / 1e9)
+            )
 
     async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
         """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss.

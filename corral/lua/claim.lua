@@ -7,8 +7,8 @@
 -- KEYS: 1..10 the model's streams p0..p9, then the named ones below
 -- ARGV: 1 named arguments (corral.scripts.Claim)
 -- Returns a list of {priority, entry id, job id, kind, request, stream flag, gateway id,
--- attempts, run timeout}, most urgent first; empty when nothing waits (the doorbell is
--- cleared then, so stale rings stop).
+-- attempts, run timeout, seconds it waited in the queue (text)}, most urgent first; empty
+-- when nothing waits (the doorbell is cleared then, so stale rings stop).
 local queued_count, doorbell, stats, gateways, receipt_key =
   KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
 local a = cjson.decode(ARGV[1])
@@ -18,7 +18,17 @@ local claimed = {}
 -- The fields a claim reads (one list, so both readers agree on the positions).
 local function read(jk)
   return redis.call('HMGET', jk, 'state', 'kind', 'req', 'stream', 'gw', 'deadline', 'wait',
-    'node', 'entry', 'prio', 'attempts', 'run_timeout')
+    'node', 'entry', 'prio', 'attempts', 'run_timeout', 'created', 'started',
+    'requeued')
+end
+
+-- Seconds from (re)enqueue to claim, as text (a Lua number would reach Python truncated).
+local function waited(created, started)
+  local c, s = tonumber(created), tonumber(started)
+  if not c or not s then
+    return '0'
+  end
+  return string.format('%.6f', math.max(s - c, 0))
 end
 
 local receipt = redis.call('GET', receipt_key)
@@ -28,7 +38,7 @@ if receipt then
     local rec = read(a.job_prefix .. jid)
     if rec[1] == 'running' and rec[8] == consumer then
       claimed[#claimed + 1] = {tonumber(rec[10]), rec[9], jid, rec[2], rec[3], rec[4], rec[5],
-        tonumber(rec[11]), rec[12] or '0'}
+        tonumber(rec[11]), rec[12] or '0', waited(rec[15] or rec[13], rec[14])}
     end
   end
   return claimed
@@ -71,7 +81,7 @@ local function take(i, entry)
     local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
     redis.call('HSET', jk, 'state', 'running', 'node', consumer, 'started', NOW, 'entry', eid)
     claimed[#claimed + 1] = {i - 1, eid, jid, rec[2], rec[3], rec[4], rec[5], attempts,
-      rec[12] or '0'}
+      rec[12] or '0', waited(rec[15] or rec[13], NOW)}
   else
     -- Cancelled, expired or vanished while queued: nothing to run, so settle the entry.
     redis.call('XACK', KEYS[i], group, eid)

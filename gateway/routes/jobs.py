@@ -28,6 +28,7 @@ class JobDialect:
     """``POST /jobs`` with ``wait: true`` answers the job view, not the bare Ollama object."""
 
     stream_media_type = "application/json"
+    name = "jobs"
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id.encode()
@@ -77,6 +78,7 @@ async def submit(request: Request) -> Response:
     )
     if spec.degraded:
         response.headers[DEGRADED_HEADER.decode()] = spec.degraded
+    response.headers["x-corral-job-id"] = spec.job_id
     return response
 
 
@@ -92,7 +94,9 @@ async def get_job(request: Request) -> Response:
     view = await state.store.get(request.path_params["job_id"])
     if view is None:
         raise NotFound("job not found (unknown, or its record expired)")
-    return json_response(view)
+    response = json_response(view)
+    response.headers["x-corral-job-id"] = request.path_params["job_id"]
+    return response
 
 
 async def cancel_job(request: Request) -> Response:
@@ -104,7 +108,9 @@ async def cancel_job(request: Request) -> Response:
         raise NotFound("job not found (unknown, or its record expired)")
     if prior in FINAL_STATES:
         raise RequestError(f"job already {prior.value}", 409)
-    return json_response({"id": job_id, "state": JobState.CANCELLED.value, "was": prior.value})
+    response = json_response({"id": job_id, "state": JobState.CANCELLED.value, "was": prior.value})
+    response.headers["x-corral-job-id"] = job_id
+    return response
 
 
 async def healthz(request: Request) -> Response:

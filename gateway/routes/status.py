@@ -1,20 +1,43 @@
-"""The fleet at a glance: ``GET /status`` (an HTML page) and ``GET /metrics`` (Prometheus).
+"""The fleet at a glance: ``GET /status`` (the live dashboard), ``GET /status.json`` (its
+figures), ``GET /status/series.json`` (its graphs) and ``GET /metrics`` (Prometheus).
 
-Both read one snapshot of the whole fleet from Redis (``corral.snapshot``), so any
-gateway process answers for every node, queue and counter. Like ``/nodes``, both ask
-for an API key when keys are configured.
+All read the whole fleet from Redis (``corral.snapshot``, ``corral.telemetry``,
+``corral.series``), so any gateway process answers for every node, queue and counter.
+The dashboard's page, script and style sheet ship inside the package: nothing is
+fetched from anywhere else. Like ``/nodes``, each asks for an API key when keys are
+configured (the page's own requests send the browser's credentials).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from corral.gateway import cache_metrics, inputs, status_page
+from corral import series
+from corral.errors import BadRequest
+from corral.gateway import cache_metrics, inputs
 from corral.gateway import metrics as fleet_metrics
+from corral.gateway.routes.ollama import json_response
 from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
+from corral.telemetry import RETENTION, read_metrics
+
+ASSET_TYPES = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+NO_STORE = {"cache-control": "no-store"}
+
+
+@functools.cache
+def asset(name: str) -> bytes:
+    """One file of the dashboard, read from the package once (when first asked for)."""
+    return (resources.files("corral.gateway") / "static" / name).read_bytes()
 
 
 async def _snapshot(state: GatewayState) -> Snapshot:
@@ -31,9 +54,13 @@ async def metrics(request: Request) -> Response:
     state = state_of(request)
     inputs.api_key_priority(request, state.settings)
     snapshot = await _snapshot(state)
-    # Rendering is synchronous and cheap: the Redis reads are all in the snapshot.
+    recorded = await read_metrics(state.redis)
+    # Rendering is synchronous and cheap: the Redis reads are all done.
     body = fleet_metrics.render(
-        snapshot, gateway_id=state.gateway_id, waiting=len(state.router.waiters)
+        snapshot,
+        gateway_id=state.gateway_id,
+        waiting=len(state.router.waiters),
+        recorded=recorded,
     )
     if state.cache is not None:
         body += await cache_metrics.render(state.cache.store, state.gateway_id)
@@ -41,15 +68,54 @@ async def metrics(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
+    inputs.api_key_priority(request, state_of(request).settings)
+    return HTMLResponse(asset("dashboard.html"), headers=NO_STORE)
+
+
+async def status_asset(request: Request) -> Response:
+    name = request.url.path.rsplit("/", 1)[-1]
+    return Response(asset(name), media_type=ASSET_TYPES[name], headers=NO_STORE)
+
+
+async def status_json(request: Request) -> Response:
+    """The snapshot the dashboard draws its tables from, with this gateway's figures."""
     state = state_of(request)
     inputs.api_key_priority(request, state.settings)
-    page = status_page.render(
-        await _snapshot(state), gateway_id=state.gateway_id, waiting=len(state.router.waiters)
-    )
-    return HTMLResponse(page, headers={"cache-control": "no-store"})
+    snapshot = await _snapshot(state)
+    body = {
+        **asdict(snapshot),
+        "gateway": state.gateway_id,
+        "waiting": len(state.router.waiters),
+        "node_ttl": state.settings.node_ttl,
+        "level": snapshot.load.level,
+    }
+    response = json_response(body)
+    response.headers.update(NO_STORE)
+    return response
+
+
+async def series_json(request: Request) -> Response:
+    """``?resolution=1|10&span=SECONDS``: every graph's lines over the last ``span``."""
+    state = state_of(request)
+    inputs.api_key_priority(request, state.settings)
+    try:
+        resolution = int(request.query_params.get("resolution", "1"))
+        span = float(request.query_params.get("span", "300"))
+    except ValueError as exc:
+        raise BadRequest("resolution and span must be numbers") from exc
+    if resolution not in RETENTION:
+        raise BadRequest(f"resolution must be one of {sorted(RETENTION)} (seconds)")
+    if not 0 < span <= RETENTION[resolution]:
+        raise BadRequest(f"span must be between 0 and {RETENTION[resolution]} seconds")
+    response = json_response(await series.read_graphs(state.redis, resolution, span))
+    response.headers.update(NO_STORE)
+    return response
 
 
 ROUTES = [
     Route("/metrics", metrics, methods=["GET"]),
     Route("/status", status, methods=["GET"]),
+    Route("/status.json", status_json, methods=["GET"]),
+    Route("/status/series.json", series_json, methods=["GET"]),
+    *(Route(f"/status/{name}", status_asset, methods=["GET"]) for name in ASSET_TYPES),
 ]
