@@ -1,20 +1,21 @@
 """The fleet at a glance: ``GET /status`` (an HTML page) and ``GET /metrics`` (Prometheus).
 
 Both read one snapshot of the whole fleet from Redis (``corral.snapshot``), so any
-gateway process answers for every node, queue and counter. Like ``/nodes``, both ask
-for an API key when keys are configured.
+gateway process answers for every node, queue and counter. When keys are configured,
+``/metrics`` needs the ``metrics`` scope and ``/status`` the ``admin`` scope.
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
 
-from corral.gateway import cache_metrics, inputs, status_page
+from corral.gateway import cache_metrics, status_page
 from corral.gateway import metrics as fleet_metrics
+from corral.gateway.auth import route
 from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
+from corral.tenants import Scope
 
 
 async def _snapshot(state: GatewayState) -> Snapshot:
@@ -29,7 +30,6 @@ async def _snapshot(state: GatewayState) -> Snapshot:
 
 async def metrics(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     snapshot = await _snapshot(state)
     # Rendering is synchronous and cheap: the Redis reads are all in the snapshot.
     body = fleet_metrics.render(
@@ -42,7 +42,6 @@ async def metrics(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     page = status_page.render(
         await _snapshot(state), gateway_id=state.gateway_id, waiting=len(state.router.waiters)
     )
@@ -50,6 +49,6 @@ async def status(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/metrics", metrics, methods=["GET"]),
-    Route("/status", status, methods=["GET"]),
+    route("/metrics", metrics, methods=["GET"], scope=Scope.METRICS),
+    route("/status", status, methods=["GET"], scope=Scope.ADMIN),
 ]
