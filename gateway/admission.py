@@ -76,12 +76,14 @@ async def make_spec(
         if run_limit is not None
         else inputs.run_timeout(request, settings.run_timeout, settings.run_timeout_max)
     )
+    if klass.models and model not in klass.models:  # before the fleet's models: no leak
+        raise Forbidden(f'model "{body["model"]}" is not allowed for this API key')
     view = state.fleet
     if not await view.has_model(model):
         raise ModelNotFound(str(body["model"]))
     body["model"] = model
     if klass is not OPEN_CLASS:  # Corral open, or a key without a class: nothing to apply
-        await _apply_class(request, state, incoming.principal, kind, model, body)
+        await _apply_class(request, state, incoming.principal, kind, body)
     degraded = ""
     if view.level:  # level 0 (normal) costs one attribute read
         degrade.shed(view.load, prio, settings)
@@ -115,13 +117,10 @@ async def _apply_class(
     state: GatewayState,
     principal: Principal,
     kind: JobKind,
-    model: str,
     body: dict[str, Any],
 ) -> None:
-    """The class's model list, ``num_predict`` ceiling and rate limits."""
+    """The class's ``num_predict`` ceiling and rate limits."""
     klass = principal.klass
-    if klass.models and model not in klass.models:
-        raise Forbidden(f'model "{model}" is not allowed for this API key')
     tokens = 0
     if kind.streams:
         options = body.get("options")

@@ -12,36 +12,16 @@ of a gateway without it pay nothing.
 
 from __future__ import annotations
 
-import logging
-import sys
-import time
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from corral.audit import AuditLog
 from corral.jobs import JobSpec
 
-
-class AuditLog:
-    def __init__(self, target: str) -> None:
-        self.log = logging.getLogger("corral.audit")
-        self.log.propagate = False  # audit lines are not application logs
-        self.log.setLevel(logging.INFO)
-        self.handler: logging.Handler = (
-            logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target)
-        )
-        self.handler.setFormatter(logging.Formatter("%(message)s"))
-        self.log.addHandler(self.handler)
-
-    def write(self, fields: dict[str, Any]) -> None:
-        self.log.info(orjson.dumps({"ts": round(time.time(), 3), **fields}).decode())
-
-    def close(self) -> None:
-        self.log.removeHandler(self.handler)
-        self.handler.close()
+__all__ = ["AuditLog", "Tapped", "fields_of", "note_job"]
 
 
 def note_job(request: Request, spec: JobSpec) -> None:
