@@ -107,7 +107,8 @@ def _problem(error: Any) -> str:
     where = f"CORRAL_{name.upper()} (--{name.replace('_', '-')})" if name else "settings"
     message = str(error.get("msg", "invalid"))
     message = message.removeprefix("Value error, ")
-    if name in SECRET_FIELDS or "input" not in error:
+    # A check of the whole object (no field name) gets every setting as its input.
+    if not name or name in SECRET_FIELDS or "input" not in error:
         return f"{where}: {message}"
     return f"{where}: {message} (got {error['input']!r})"
 

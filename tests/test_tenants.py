@@ -21,7 +21,8 @@ from corral import apikeys, keys, quota
 from corral.gateway.app import create_app
 from corral.gateway.auth import ScopedRoute, unscoped
 from corral.gateway.routes import jobs, ollama, openai, status
-from corral.settings import GatewaySettings
+from corral.errors import ConfigError
+from corral.settings import GatewaySettings, SchedulerSettings
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
 
@@ -217,6 +218,29 @@ async def test_request_and_token_rate_limits(
         assert never.status_code == 429 and "exceed" in never.json()["error"]
 
 
+async def test_rate_limit_fails_closed_when_redis_refuses_writes(
+    start_cluster: StartCluster,
+    redis_url: str,
+    redis: Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Redis out of memory: a limited key's request is a 503, never let through uncounted."""
+    cluster = await start_cluster([FakeOllamaConfig()], gateway={"auth_cache_ttl": 0})
+    keycli(redis_url, capsys, "class", "sonnet", "--key-rpm", "20")
+    token = add_key(redis_url, capsys, "--id", "agent", "--class", "sonnet")
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as client:
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")
+        try:
+            refused = await client.post("/api/generate", json=GENERATE, headers=bearer(token))
+        finally:
+            await redis.config_set("maxmemory", "0")
+        assert refused.status_code == 503 and "unavailable" in refused.json()["error"]
+        assert await redis.zcard(keys.rate_log("key", "agent", "req")) == 0
+        served = await client.post("/api/generate", json=GENERATE, headers=bearer(token))
+        assert served.status_code == 200 and served.headers["ratelimit-remaining"] == "19"
+
+
 async def test_ten_gateway_processes_keep_one_limit_exact(
     start_cluster: StartCluster,
     redis_url: str,
@@ -337,6 +361,17 @@ def test_keys_are_never_printed_nor_flags(tmp_path: Path) -> None:
     assert flag.returncode == 2 and "unrecognized arguments" in flag.stderr
     settings = GatewaySettings(api_keys=secret)  # type: ignore[arg-type]
     assert secret not in repr(settings) and secret not in str(settings.model_dump())
+
+
+def test_a_check_of_the_whole_settings_prints_no_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model-level check gets every setting as its input: none may reach the message."""
+    monkeypatch.setenv("CORRAL_REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+    monkeypatch.setenv("CORRAL_LEVEL_MINOR", "0.9")
+    monkeypatch.setenv("CORRAL_LEVEL_MAJOR", "0.5")
+    with pytest.raises(ConfigError) as raised:
+        SchedulerSettings.build()
+    assert "LEVEL_MINOR" in str(raised.value.problems)
+    assert "hunter2" not in str(raised.value.problems)
 
 
 def test_keys_list_never_shows_a_key(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
