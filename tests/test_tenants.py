@@ -15,14 +15,16 @@ import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from corral import apikeys, keys, quota
-from corral.gateway.app import create_app
-from corral.gateway.auth import ScopedRoute, unscoped
-from corral.gateway.routes import jobs, ollama, openai, status
 from corral.errors import ConfigError
+from corral.gateway.app import create_app
+from corral.gateway.auth import ScopedMount, ScopedRoute, unscoped
+from corral.gateway.routes import jobs, ollama, openai, status
 from corral.settings import GatewaySettings, SchedulerSettings
+from corral.tenants import Scope
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
 
@@ -102,6 +104,26 @@ async def test_scopes_and_ownership(
         # Revoked (cache TTL 0 here): refused at once.
         keycli(redis_url, capsys, "revoke", "bob")
         assert (await client.get("/api/tags", headers=bearer(bob))).status_code == 401
+
+
+async def test_a_mounted_app_behind_the_admin_scope(
+    start_cluster: StartCluster, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a dashboard mounted on the gateway uses: ``ScopedMount`` (``ScopeGate``)."""
+    cluster = await start_cluster([FakeOllamaConfig()], gateway={"auth_cache_ttl": 0})
+    assert cluster.gateway is not None
+    dashboard = PlainTextResponse("dashboard")
+    mount = ScopedMount("/dash", dashboard, scope=Scope.ADMIN)
+    assert unscoped([mount]) == []
+    cluster.gateway.app.app.router.routes.append(mount)
+    user = add_key(redis_url, capsys, "--id", "user")
+    admin = add_key(redis_url, capsys, "--id", "root", "--scopes", "admin")
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as client:
+        missing = await client.get("/dash/")
+        assert missing.status_code == 401 and "www-authenticate" in missing.headers
+        assert (await client.get("/dash/", headers=bearer(user))).status_code == 403
+        shown = await client.get("/dash/", headers=bearer(admin))
+        assert shown.status_code == 200 and shown.text == "dashboard"
 
 
 async def cluster_done(client: httpx.AsyncClient, job_id: str, token: str) -> None:
