@@ -482,3 +482,20 @@ async def test_cors_is_off_by_default_and_answers_preflight_when_on(
         assert answered.status_code == 200
         assert answered.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-corral-job-id" in answered.headers["access-control-expose-headers"].lower()
+
+
+def test_key_changes_are_audited(
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("CORRAL_AUDIT_LOG", str(target))
+    keycli(redis_url, capsys, "class", "opus")
+    token = add_key(redis_url, capsys, "--id", "agent", "--class", "opus")
+    keycli(redis_url, capsys, "revoke", "agent")
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [line["admin"] for line in lines] == ["class-set", "key-add", "key-revoke"]
+    assert lines[1]["key"] == "agent" and lines[1]["class"] == "opus"
+    assert token not in target.read_text()
