@@ -1,8 +1,8 @@
 """Typed settings, one object per process, built at the entry point and passed down.
 
 Every field is an environment variable with the ``CORRAL_`` prefix and a command-line
-flag of the same name (``redis_url`` is ``CORRAL_REDIS_URL`` and ``--redis-url``).
-Flags win over the environment, which wins over the defaults.
+flag of the same name (``redis_url`` is ``CORRAL_REDIS_URL`` and ``--redis-url``), except
+the secrets in ``NO_FLAG``. Flags win over the environment, which wins over the defaults.
 """
 
 from __future__ import annotations
