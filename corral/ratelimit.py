@@ -8,8 +8,9 @@ no window ever holds more than its limit (a sliding log, unlike a fixed window, 
 boundary at which twice the limit gets through).
 
 Tokens are charged at admission as the request's ``num_predict`` after the class's ceiling
-(or ``token_charge_default`` when it names none); the actual count is not settled after
-the job, so a generation that stops early still counts in full for the minute.
+(or ``token_charge_default`` when it names none), then settled when its job is done: what
+it did not generate (Ollama's ``eval_count``) is given back, in the same windows
+(``ratelimit_settle.lua``), the charge keeping its place in time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ class Charge:
 
 
 @dataclass(slots=True, frozen=True)
+class Settle:
+    """``ratelimit_settle.lua``: the charge's member and, per token limit in KEYS order,
+    ``[its index in the charge, the cost charged]``."""
+
+    member: str
+    entries: list[list[int]]
+    used: int
+
+
+@dataclass(slots=True, frozen=True)
+class Ticket:
+    """What settling one admitted request's token charge needs."""
+
+    member: str
+    keys: list[str]
+    entries: list[list[int]]
+
+
+@dataclass(slots=True, frozen=True)
 class Decision:
     allowed: bool
     retry_after: float
@@ -47,11 +67,14 @@ class Decision:
     remaining: int
     reset: float
     """Seconds until the tightest window frees its oldest charge."""
+    ticket: Ticket | None = None
+    """Set when the request was admitted with a token charge to settle."""
 
 
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self.script: AsyncScript = redis.register_script(source("ratelimit"))
+        self.settle_script: AsyncScript = redis.register_script(source("ratelimit_settle"))
 
     async def charge(self, key: ApiKey, klass: KeyClass, tokens: int) -> Decision | None:
         """Charge one request of ``tokens`` to every limit of ``key`` and its class; None
@@ -79,10 +102,26 @@ class RateLimiter:
         allowed, retry, limit, remaining, reset = await self.script(
             keys=redis_keys, args=argv(named)
         )
+        ticket = None
+        tok = [i for i, p in enumerate(pairs) if p[2] == "tok" and p[4] > 0]
+        if allowed and tok:
+            ticket = Ticket(
+                member=named.member,
+                keys=[k for i in tok for k in redis_keys[2 * i : 2 * i + 2]],
+                entries=[[i + 1, pairs[i][4]] for i in tok],  # Lua counts from 1
+            )
         return Decision(
             allowed=bool(allowed),
             retry_after=int(retry) / 1000 if int(retry) >= 0 else -1.0,
             limit=int(limit),
             remaining=int(remaining),
             reset=int(reset) / 1000,
+            ticket=ticket,
         )
+
+    async def settle(self, ticket: Ticket, used: int) -> int:
+        """Give back what an admitted request was charged beyond the ``used`` tokens;
+        returns how many tokens went back."""
+        named = Settle(member=ticket.member, entries=ticket.entries, used=max(0, used))
+        back = await self.settle_script(keys=ticket.keys, args=argv(named))
+        return int(back)

@@ -77,7 +77,8 @@ class KeyClass:
     key_rpm: int = 0
     """Requests per minute, per key."""
     key_tpm: int = 0
-    """Tokens per minute, per key (charged as the request's ``num_predict``)."""
+    """Tokens per minute, per key (charged as the request's ``num_predict``, then settled to
+    what it generated)."""
     class_rpm: int = 0
     """Requests per minute, all keys of the class together."""
     class_tpm: int = 0

@@ -6,11 +6,14 @@ deadlines and model routing are decided in one place.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,8 +26,10 @@ from corral.gateway.relay import JobResponse
 from corral.gateway.state import GatewayState, state_of
 from corral.jobs import JobSpec
 from corral.keys import JobKind
-from corral.ratelimit import WINDOW_MS, Decision
+from corral.ratelimit import WINDOW_MS, Decision, Ticket
 from corral.tenants import OPEN_CLASS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -149,6 +154,8 @@ async def _apply_class(
         headers["retry-after"] = str(max(1, math.ceil(decision.retry_after)))
         raise RateLimited("rate limit exceeded for this API key, try again later", headers=headers)
     request.state.rate_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+    if decision.ticket is not None:
+        request.state.rate_ticket = decision.ticket
 
 
 def rate_headers(decision: Decision) -> dict[str, str]:
@@ -177,15 +184,40 @@ async def relay(
     answer it without a job of its own (``corral.gateway.cache``)."""
     state = state_of(request)
     wait = inputs.timeout(request, state.settings.request_timeout)
+    response: Response
     if body is not None and state.cache is not None and spec.kind.streams:
-        return await state.cache.answer(
+        response = await state.cache.answer(
             request, spec, dialect, body, wait=wait, level=state.fleet.level
         )
-    return await JobResponse.submit(
-        spec,
-        state.store,
-        state.router,
-        dialect,
-        max_queue=state.settings.max_queue,
-        wait_limit=wait,
-    )
+    else:
+        response = await JobResponse.submit(
+            spec,
+            state.store,
+            state.router,
+            dialect,
+            max_queue=state.settings.max_queue,
+            wait_limit=wait,
+        )
+    ticket: Ticket | None = getattr(request.state, "rate_ticket", None)
+    if ticket is not None and isinstance(response, JobResponse):
+        response.on_done = _settler(state, ticket)
+    return response
+
+
+def _settler(state: GatewayState, ticket: Ticket) -> Callable[[bytes], Awaitable[None]]:
+    """Give back the tokens a generation was charged and did not generate."""
+
+    async def settle(final: bytes) -> None:
+        try:
+            answer = orjson.loads(final)
+        except orjson.JSONDecodeError:
+            return
+        used = answer.get("eval_count") if isinstance(answer, dict) else None
+        if not isinstance(used, int):
+            return  # no count to settle with: the charge stands
+        try:
+            await state.limiter.settle(ticket, used)
+        except (RedisError, OSError) as exc:  # the answer is out: only the refund is lost
+            log.warning("settling a token charge failed: %s", exc)
+
+    return settle

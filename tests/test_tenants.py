@@ -27,6 +27,7 @@ from corral.settings import GatewaySettings, SchedulerSettings
 from corral.tenants import Scope
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
+from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 GENERATE = {"model": "llama3", "prompt": "hi", "stream": False}
@@ -238,6 +239,37 @@ async def test_request_and_token_rate_limits(
         huge = {**GENERATE, "options": {"num_predict": 500}}
         never = await client.post("/api/generate", json=huge, headers=bearer(tokens))
         assert never.status_code == 429 and "exceed" in never.json()["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_token_charge_is_settled_to_what_was_generated(
+    start_cluster: StartCluster,
+    redis_url: str,
+    redis: Redis,
+    capsys: pytest.CaptureFixture[str],
+    stream: bool,
+) -> None:
+    cluster = await start_cluster([FakeOllamaConfig()], gateway={"auth_cache_ttl": 0})
+    keycli(redis_url, capsys, "class", "haiku", "--key-tpm", "100", "--class-tpm", "1000")
+    token = add_key(redis_url, capsys, "--id", "agent", "--class", "haiku")
+    # A JSON answer ends on its own, before num_predict (the fake cannot cycle JSON).
+    ask = {**GENERATE, "stream": stream, "format": "json", "options": {"num_predict": 80}}
+    total = keys.rate_sum("key", "agent", "tok")
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as client:
+        first = await client.post("/api/generate", json=ask, headers=bearer(token))
+        assert first.status_code == 200
+        final = orjson.loads(first.text.strip().splitlines()[-1])
+        used = final["eval_count"]
+        assert 0 < used < 80
+
+        async def charged() -> int:
+            return int(await redis.get(total) or 0)
+
+        await until(charged, used)  # settled once the answer was out
+        assert int(await redis.get(keys.rate_sum("class", "haiku", "tok"))) == used
+        # Without the settlement, 80 + 80 would not fit in 100.
+        second = await client.post("/api/generate", json=ask, headers=bearer(token))
+        assert second.status_code == 200
 
 
 async def test_rate_limit_fails_closed_when_redis_refuses_writes(
