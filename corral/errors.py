@@ -33,11 +33,15 @@ class RequestError(CorralError):
 
     status = 400
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        self.headers = headers or {}
+        """Response headers the refusal needs (``WWW-Authenticate``, ``Retry-After``...)."""
 
 
 class BadRequest(RequestError):
@@ -50,6 +54,12 @@ class Unauthorized(RequestError):
 
 class Forbidden(RequestError):
     status = 403
+
+
+class RateLimited(RequestError):
+    """Over a rate limit, a quota, or too many failed authentications (429, with headers)."""
+
+    status = 429
 
 
 class NotFound(RequestError):

@@ -82,6 +82,11 @@ class JobSpec:
     degraded: str = ""
     """How the gateway degraded the request under load (the ``X-Corral-Degraded`` header,
     e.g. ``level=2; model=llama3:8b; num_predict=256``); empty when it was not."""
+    owner: str = ""
+    """The id of the API key that submitted it (empty when Corral is open): only that key
+    (or an admin) may see or cancel it."""
+    priority_asked: int | None = None
+    """The priority the client asked for, when its class clamped it to ``priority``."""
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -151,6 +156,8 @@ class JobStore:
             wait_limit=spec.wait_limit,
             max_attempts=spec.max_attempts,
             run_timeout=spec.run_timeout,
+            owner=spec.owner,
+            priority_asked=spec.priority if spec.priority_asked is None else spec.priority_asked,
         )
         depth = await self.batch.call(
             self.scripts.enqueue,
@@ -384,6 +391,8 @@ def record_view(rec: dict[str, bytes]) -> dict[str, Any]:
         "kind": rec.get("kind", b"").decode(),
         "model": rec.get("model", b"").decode(),
         "priority": int(rec.get("prio", b"5")),
+        "priority_asked": int(rec.get("prio_asked") or rec.get("prio", b"5")),
+        "owner": rec.get("owner", b"").decode(),
         "attempts": int(rec.get("attempts", b"0")),
         "node": rec["node"].decode() if "node" in rec else None,
         "created_at": num("created"),

@@ -193,3 +193,37 @@ def series(resolution: int, second: int) -> str:
 def sample_lock(second: int) -> str:
     """Taken (SET NX) by the one gateway that samples the fleet's gauges for that second."""
     return f"{PREFIX}:ts:sampled:{second}"
+
+
+# -- tenants: API keys, their classes, rate limits and stored-bytes quotas
+# (``corral.tenants``, ``corral.ratelimit``, ``corral.quota``).
+
+API_KEYS = f"{PREFIX}:apikeys"
+"""Hash: SHA-256 digest of a key (hex) -> the key's record (JSON, ``corral.tenants.ApiKey``);
+the key itself is never stored."""
+
+API_KEY_IDS = f"{PREFIX}:apikeys:ids"
+"""Hash: key id -> the digest under which ``API_KEYS`` holds its record."""
+
+KEY_CLASSES = f"{PREFIX}:keyclasses"
+"""Hash: class name -> its limits (JSON, ``corral.tenants.KeyClass``)."""
+
+RATE_TAG = f"{PREFIX}:rate:{{rate}}"
+"""One hash tag for every rate limit, so one script checks a key's and its class's at once."""
+
+
+def rate_log(subject: str, name: str, what: str) -> str:
+    """Sorted set of one sliding window: member ``<id>:<cost>`` scored by its Redis time (ms).
+
+    ``subject`` is ``key`` or ``class``, ``what`` is ``req`` or ``tok``."""
+    return f"{RATE_TAG}:{subject}:{name}:{what}"
+
+
+def rate_sum(subject: str, name: str, what: str) -> str:
+    """String: the sum of the costs in the window ``rate_log`` holds."""
+    return f"{rate_log(subject, name, what)}:sum"
+
+
+def quota_bytes(key_id: str) -> str:
+    """String: request bytes a key has stored in job records (``corral.quota``)."""
+    return f"{PREFIX}:quota:{key_id}"

@@ -81,6 +81,10 @@ class Enqueue:
     max_attempts: int
     run_timeout: float
     """Seconds one attempt may run (0: no limit)."""
+    owner: str = ""
+    """The id of the API key that submitted the job (empty: Corral is open)."""
+    priority_asked: int = 5
+    """The priority the client asked for (``priority`` is what its class allowed)."""
 
 
 @dataclass(slots=True, frozen=True)

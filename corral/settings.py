@@ -1,8 +1,8 @@
 """Typed settings, one object per process, built at the entry point and passed down.
 
 Every field is an environment variable with the ``CORRAL_`` prefix and a command-line
-flag of the same name (``redis_url`` is ``CORRAL_REDIS_URL`` and ``--redis-url``).
-Flags win over the environment, which wins over the defaults.
+flag of the same name (``redis_url`` is ``CORRAL_REDIS_URL`` and ``--redis-url``), except
+the secrets in ``NO_FLAG``. Flags win over the environment, which wins over the defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import socket
 import uuid
 from typing import Any, Self
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.errors import ConfigError
@@ -56,6 +63,8 @@ class CommonSettings(BaseSettings):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """One flag per field, with the env variable and default in its help."""
         for name, field in cls.model_fields.items():
+            if name in NO_FLAG:
+                continue
             flag = "--" + name.replace("_", "-")
             help_ = (
                 f"{field.description or ''} (env CORRAL_{name.upper()}, default {field.default!r})"
@@ -86,6 +95,10 @@ class CommonSettings(BaseSettings):
 SECRET_FIELDS = frozenset({"api_keys", "redis_url"})
 """Settings whose values are never printed (keys, and URLs that may hold a password)."""
 
+NO_FLAG = frozenset({"api_keys"})
+"""Settings taken only from the environment: a flag's value is visible to anyone who can
+list processes (``ps``)."""
+
 
 def _problem(error: Any) -> str:
     """One line for one invalid setting: its variable, its flag, what is wrong, what it got."""
@@ -94,7 +107,8 @@ def _problem(error: Any) -> str:
     where = f"CORRAL_{name.upper()} (--{name.replace('_', '-')})" if name else "settings"
     message = str(error.get("msg", "invalid"))
     message = message.removeprefix("Value error, ")
-    if name in SECRET_FIELDS or "input" not in error:
+    # A check of the whole object (no field name) gets every setting as its input.
+    if not name or name in SECRET_FIELDS or "input" not in error:
         return f"{where}: {message}"
     return f"{where}: {message} (got {error['input']!r})"
 
@@ -121,9 +135,39 @@ class GatewaySettings(CommonSettings):
     request_timeout: float = Field(
         600.0, gt=0, description="seconds a client waits for its job before a 504"
     )
-    api_keys: str = Field(
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="bootstrap keys (environment only, never a flag): comma-separated, each "
+        "optionally KEY:PRIORITY, each with every scope; with none here and none stored "
+        "(corral keys) the gateway is open",
+    )
+    auth_cache_ttl: float = Field(
+        5.0,
+        ge=0,
+        description="seconds a gateway remembers a key it looked up in Redis (a revoked key "
+        "works at most this long on a gateway that saw it)",
+    )
+    auth_fail_limit: int = Field(
+        20,
+        ge=0,
+        description="failed authentications per client address per minute before that "
+        "address gets 429s (per gateway process; 0: no limit)",
+    )
+    token_charge_default: int = Field(
+        1024,
+        ge=0,
+        description="tokens charged to a tokens-per-minute limit for a generation that "
+        "names no num_predict and whose class has no ceiling",
+    )
+    audit_log: str = Field(
         "",
-        description="comma-separated bearer keys, each optionally KEY:PRIORITY; empty = no auth",
+        description="where the audit log goes, one JSON line per decision: a file path, "
+        "'-' for standard error, empty for nowhere",
+    )
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins browsers may call the gateway from ('*' for "
+        "any); empty = CORS off",
     )
     fleet_refresh: float = Field(
         1.0, gt=0, description="seconds between reads of the node registry"
@@ -252,14 +296,17 @@ class GatewaySettings(CommonSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _no_placeholder_keys(cls, value: str) -> str:
-        for key in parse_api_keys(value):
-            if key.lower() in _PLACEHOLDER_KEYS:
-                raise ValueError(f"refusing placeholder API key {key!r}")
+    def _no_placeholder_keys(cls, value: SecretStr) -> SecretStr:
+        for number, key in enumerate(parse_api_keys(value.get_secret_value()), start=1):
+            if key.lower() in _PLACEHOLDER_KEYS:  # the message never holds the key
+                raise ValueError(f"key number {number} is a placeholder; choose a real key")
         return value
 
     def key_priorities(self) -> dict[str, int | None]:
-        return parse_api_keys(self.api_keys)
+        return parse_api_keys(self.api_keys.get_secret_value())
+
+    def cors_origin_list(self) -> list[str]:
+        return [part.strip() for part in self.cors_origins.split(",") if part.strip()]
 
     @field_validator("degrade_models")
     @classmethod
@@ -291,7 +338,7 @@ def parse_api_keys(spec: str) -> dict[str, int | None]:
             keys[key] = None
             continue
         if not prio.isdigit() or not 0 <= int(prio) <= 9:
-            raise ValueError(f"API key priority must be 0-9, got {prio!r}")
+            raise ValueError("an API key's priority (after ':') must be 0-9")
         keys[key] = int(prio)
     return keys
 

@@ -11,11 +11,15 @@ import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 from corral import connections, loops
 from corral.errors import QueueFull, RequestError, WaitTooLong
+from corral.gateway.audit import AuditLog
+from corral.gateway.auth import Authenticator, unscoped
 from corral.gateway.cache import ResponseCache
 from corral.gateway.dialect import openai_error
 from corral.gateway.fleetview import FleetView
@@ -27,6 +31,7 @@ from corral.gateway.telemetry_loop import TelemetryLoop
 from corral.jobs import JobStore
 from corral.load import retry_after
 from corral.loops import LoopHealth
+from corral.ratelimit import RateLimiter
 from corral.settings import GatewaySettings
 from corral.tasks import cancel_and_wait
 from corral.telemetry import Recorder
@@ -50,6 +55,8 @@ async def _request_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, QueueFull) and path.startswith("/v1/"):
         status = 429  # what OpenAI clients back off on (Ollama's own paths answer 503)
     response = error_response(path, exc.message, status)
+    if exc.headers:
+        response.headers.update(exc.headers)
     if isinstance(exc, QueueFull):
         _retry_headers(request, exc, response)
     return response
@@ -128,9 +135,27 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             if settings.cache
             else None
         )
+        auth = Authenticator(settings, redis)
+        audit = AuditLog(settings.audit_log) if settings.audit_log else None
         app.state.corral = GatewayState(
-            settings, gateway_id, redis, store, router, view, health, recorder, cache
+            settings,
+            gateway_id,
+            redis,
+            store,
+            router,
+            view,
+            health,
+            recorder,
+            cache,
+            auth=auth,
+            limiter=RateLimiter(redis),
+            audit=audit,
         )
+        if not await auth.configured():
+            log.warning(
+                "no API keys are configured (CORRAL_API_KEYS is empty and `corral keys` "
+                "stored none): the gateway is open to anyone who can reach it"
+            )
         await router.start()
         await view.start()
         await telemetry.start()
@@ -151,8 +176,12 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             await router.stop()
             await pubsub.aclose()
             await redis.aclose()
+            if audit is not None:
+                audit.close()
 
-    routes = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES, *status.ROUTES]
+    routes: list[BaseRoute] = [*ollama.ROUTES, *openai.ROUTES, *jobs.ROUTES, *status.ROUTES]
+    if missing := unscoped(routes):  # deny by default: a route must say who may call it
+        raise RuntimeError(f"routes declared without a scope: {', '.join(missing)}")
     handlers: dict[type[Exception], ErrorHandler] = {
         RequestError: _request_error,
         HTTPException: _http_error,
@@ -161,6 +190,33 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
     }
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     door = FrontDoor(app, routes, handlers)
+    if origins := settings.cors_origin_list():
+        # Outside the front door: a preflight OPTIONS never reaches a route.
+        door.entry = CORSMiddleware(
+            door.entry,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
+            allow_headers=[
+                "authorization",
+                "content-type",
+                "x-corral-priority",
+                "x-corral-timeout",
+                "x-corral-run-timeout",
+                "x-corral-cache",
+            ],
+            expose_headers=[
+                "x-corral-job-id",
+                "x-corral-degraded",
+                "x-corral-cache",
+                "x-corral-queue-wait",
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+                "ratelimit-policy",
+            ],
+            max_age=600,
+        )
     return door
 
 

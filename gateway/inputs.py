@@ -1,4 +1,4 @@
-"""Reading and checking what clients send: body size, JSON, auth, priority, timeout.
+"""Reading and checking what clients send: body size, JSON, priority, timeout.
 
 The fields of a body are checked against its declared model (``corral.gateway.validation``).
 
@@ -14,9 +14,8 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from corral.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unauthorized
+from corral.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from corral.names import normalize_model
-from corral.settings import GatewaySettings
 
 PRIORITY_HEADER = "x-corral-priority"
 TIMEOUT_HEADER = "x-corral-timeout"
@@ -74,18 +73,6 @@ def _depth(value: object) -> int:
         elif isinstance(item, list):
             level.extend((v, depth + 1) for v in item)
     return deepest
-
-
-def api_key_priority(request: Request, settings: GatewaySettings) -> int | None:
-    """Check the bearer key when keys are configured; returns the key's own priority."""
-    allowed = settings.key_priorities()
-    if not allowed:
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in allowed:
-        raise Unauthorized("unauthorized: a valid API key is required (Authorization: Bearer ...)")
-    return allowed[token.strip()]
 
 
 def priority(request: Request, default: int) -> int:

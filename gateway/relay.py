@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -73,6 +74,9 @@ class JobResponse(Response):
         self.first_at = 0.0
         self.outcome = "disconnected"
         """The ``outcome`` label: done, error, timeout or disconnected."""
+        self.on_done: Callable[[bytes], Awaitable[None]] | None = None
+        """Called with the job's final object once the client has it (settles a token
+        charge: ``corral.gateway.admission``)."""
 
     @classmethod
     async def submit(
@@ -153,6 +157,8 @@ class JobResponse(Response):
             body = self.dialect.single(first.payload)
             await _start(send, 200, JSON_TYPE, self.extra_headers, len(body))
             await send({"type": "http.response.body", "body": body})
+            if self.on_done is not None and first.final:
+                await self.on_done(first.payload)
             return
         await self._stream(send, first)
 
@@ -193,6 +199,8 @@ class JobResponse(Response):
                     self.outcome = "error"
                     body = self.dialect.stream_error(*protocol.parse_error(final.payload))
                 await send({"type": "http.response.body", "body": body})
+                if self.on_done is not None and final.type == protocol.DONE:
+                    await self.on_done(final.payload)
                 return
             try:
                 reply = await self._next()

@@ -22,7 +22,7 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
@@ -47,6 +47,8 @@ class FrontDoor:
         """Why the gateway must stop, once a background loop of it has died."""
         self.on_failure: Callable[[], None] | None = None
         """Stops the server hosting this app (set by whoever runs it)."""
+        self.entry: ASGIApp = self.dispatch
+        """What a request meets first: the dispatch below, or CORS around it."""
 
     @property
     def state(self) -> State:
@@ -61,6 +63,9 @@ class FrontDoor:
             os.kill(os.getpid(), signal.SIGTERM)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.entry(scope, receive, send)
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
             endpoint = self.fixed.get((scope["method"], scope["path"]))
             if endpoint is not None:

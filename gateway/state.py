@@ -16,7 +16,10 @@ from corral.settings import GatewaySettings
 from corral.telemetry import Recorder
 
 if TYPE_CHECKING:
+    from corral.gateway.audit import AuditLog
+    from corral.gateway.auth import Authenticator
     from corral.gateway.cache import ResponseCache
+    from corral.ratelimit import RateLimiter
 
 
 @dataclass(slots=True)
@@ -33,6 +36,11 @@ class GatewayState:
     """This process's latency and request figures, flushed to Redis in the background."""
     cache: ResponseCache | None = None
     """The shared response cache (None when CORRAL_CACHE is off)."""
+    auth: Authenticator = None  # type: ignore[assignment]
+    """Who may call what (``corral.gateway.auth``); set in the lifespan."""
+    limiter: RateLimiter = None  # type: ignore[assignment]
+    audit: AuditLog | None = None
+    """The audit log (None when CORRAL_AUDIT_LOG is empty)."""
 
 
 def state_of(request: Request) -> GatewayState:

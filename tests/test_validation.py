@@ -312,7 +312,7 @@ def _body_routes() -> list[str]:
         for route in routes
         if isinstance(route, Route)
         and "POST" in (route.methods or ())
-        and route.endpoint is not ollama.management
+        and getattr(route.endpoint, "__wrapped__", route.endpoint) is not ollama.management
     ]
 
 

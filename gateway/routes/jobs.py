@@ -7,21 +7,23 @@ import orjson
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from corral import __version__, keys
+from corral import __version__, keys, quota
 from corral.connections import text
-from corral.errors import NotFound, RequestError
+from corral.errors import NotFound, RateLimited, RequestError
 from corral.gateway import inputs
 from corral.gateway.admission import Incoming, make_spec, read_request, relay
+from corral.gateway.auth import Principal, principal_of, route
 from corral.gateway.ollama_schema import BY_KIND, Body, JobSubmission
 from corral.gateway.openapi import document
 from corral.gateway.relay import DEGRADED_HEADER
 from corral.gateway.routes import ollama, openai
 from corral.gateway.routes.ollama import json_response
-from corral.gateway.state import state_of
+from corral.gateway.state import GatewayState, state_of
 from corral.gateway.validation import check
+from corral.jobs import JobSpec
 from corral.keys import FINAL_STATES, JobState
+from corral.tenants import Scope
 
 
 class JobDialect:
@@ -58,7 +60,7 @@ async def submit(request: Request) -> Response:
     if run_timeout is not None:
         ceiling = incoming.state.settings.run_timeout_max
         run_timeout = inputs.checked_run_timeout(run_timeout, ceiling, "'run_timeout'")
-    job_incoming = Incoming(incoming.state, job_body, incoming.key_priority)
+    job_incoming = Incoming(incoming.state, job_body, incoming.principal)
     spec = await make_spec(
         request,
         job_incoming,
@@ -72,7 +74,12 @@ async def submit(request: Request) -> Response:
     if job.wait:
         return await relay(request, spec, JobDialect(spec.job_id))
     state = incoming.state
-    depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
+    await _charge_stored_bytes(state, incoming.principal, spec)
+    try:
+        depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
+    except BaseException:
+        await quota.release(state.redis, spec.owner, len(spec.request))
+        raise
     response = json_response(
         {"id": spec.job_id, "state": JobState.QUEUED.value, "queued": depth}, status=202
     )
@@ -80,6 +87,25 @@ async def submit(request: Request) -> Response:
         response.headers[DEGRADED_HEADER.decode()] = spec.degraded
     response.headers["x-corral-job-id"] = spec.job_id
     return response
+
+
+async def _charge_stored_bytes(state: GatewayState, principal: Principal, spec: JobSpec) -> None:
+    """A ``wait: false`` job keeps its request in Redis until it ends: charged to its key."""
+    if not spec.owner:
+        return  # Corral is open: no key to charge
+    charged = await quota.charge(
+        state.redis,
+        spec.owner,
+        len(spec.request),
+        quota=principal.klass.quota_bytes,
+        ttl=state.settings.job_ttl,
+    )
+    if charged is None:
+        raise RateLimited(
+            f"this API key's stored-request quota ({principal.klass.quota_bytes} bytes) is "
+            "used up by its jobs still waiting: fetch or cancel some, or wait for them",
+            headers={"retry-after": "60"},
+        )
 
 
 async def openapi(request: Request) -> Response:
@@ -90,10 +116,9 @@ async def openapi(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     view = await state.store.get(request.path_params["job_id"])
-    if view is None:
-        raise NotFound("job not found (unknown, or its record expired)")
+    if view is None or not principal_of(request).owns(view["owner"]):
+        raise NotFound(_NOT_FOUND)  # another key's job is as unknown as a missing one
     response = json_response(view)
     response.headers["x-corral-job-id"] = request.path_params["job_id"]
     return response
@@ -101,16 +126,28 @@ async def get_job(request: Request) -> Response:
 
 async def cancel_job(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     job_id = request.path_params["job_id"]
+    principal = principal_of(request)
+    async with state.redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.job(job_id), ["owner", "wait"])
+        pipe.hstrlen(keys.job(job_id), "req")
+        (owner, waits), stored = await pipe.execute()
+    if not principal.owns(text(owner) if owner else ""):
+        raise NotFound(_NOT_FOUND)  # another key's job is as unknown as a missing one
     prior = await state.store.cancel(job_id, "cancelled through the API")
     if prior is None:
-        raise NotFound("job not found (unknown, or its record expired)")
+        raise NotFound(_NOT_FOUND)
     if prior in FINAL_STATES:
         raise RequestError(f"job already {prior.value}", 409)
+    if owner and waits == b"0" and stored:
+        # A cancelled wait=false job's request no longer counts against its key.
+        await quota.release(state.redis, text(owner), int(stored))
     response = json_response({"id": job_id, "state": JobState.CANCELLED.value, "was": prior.value})
     response.headers["x-corral-job-id"] = job_id
     return response
+
+
+_NOT_FOUND = "job not found (unknown, or its record expired)"
 
 
 async def healthz(request: Request) -> Response:
@@ -137,7 +174,6 @@ async def healthz(request: Request) -> Response:
 
 async def nodes(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     fleet = await state.fleet.refresh()
     stats = await state.redis.hgetall(keys.STATS)
     return json_response(
@@ -149,12 +185,12 @@ async def nodes(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/jobs", submit, methods=["POST"]),
-    Route("/jobs/{job_id}", get_job, methods=["GET"]),
-    Route("/jobs/{job_id}", cancel_job, methods=["DELETE"]),
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/nodes", nodes, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"]),
+    route("/jobs", submit, methods=["POST"], scope=Scope.USER),
+    route("/jobs/{job_id}", get_job, methods=["GET"], scope=Scope.USER),
+    route("/jobs/{job_id}", cancel_job, methods=["DELETE"], scope=Scope.USER),
+    route("/healthz", healthz, methods=["GET"], scope=Scope.PUBLIC),
+    route("/nodes", nodes, methods=["GET"], scope=Scope.ADMIN),
+    route("/openapi.json", openapi, methods=["GET"], scope=Scope.PUBLIC),
 ]
 
 BODIES: dict[str, type[Body]] = {"/jobs": JobSubmission}

@@ -7,18 +7,18 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
 from corral import __version__, keys
 from corral.errors import BadRequest, Forbidden, ModelNotFound
-from corral.gateway import inputs
 from corral.gateway.admission import make_spec, read_request, relay
+from corral.gateway.auth import route
 from corral.gateway.dialect import OLLAMA
 from corral.gateway.ollama_schema import BY_KIND, Body, ShowRequest
 from corral.gateway.state import state_of
 from corral.gateway.validation import check
 from corral.keys import JobKind
 from corral.names import normalize_model
+from corral.tenants import Scope
 
 JSON = "application/json; charset=utf-8"
 
@@ -74,13 +74,11 @@ async def _ollama_job(request: Request, kind: JobKind) -> Response:
 
 
 async def tags(request: Request) -> Response:
-    inputs.api_key_priority(request, state_of(request).settings)
     models = state_of(request).fleet.current.models()
     return json_response({"models": sorted(models.values(), key=lambda m: str(m.get("name")))})
 
 
 async def ps(request: Request) -> Response:
-    inputs.api_key_priority(request, state_of(request).settings)
     return json_response({"models": state_of(request).fleet.current.loaded()})
 
 
@@ -110,20 +108,20 @@ async def management(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/", root, methods=["GET", "HEAD"]),
-    Route("/api/version", version, methods=["GET"]),
-    Route("/api/generate", generate, methods=["POST"]),
-    Route("/api/chat", chat, methods=["POST"]),
-    Route("/api/embed", embed, methods=["POST"]),
-    Route("/api/embeddings", embeddings, methods=["POST"]),
-    Route("/api/tags", tags, methods=["GET"]),
-    Route("/api/ps", ps, methods=["GET"]),
-    Route("/api/show", show, methods=["POST"]),
+    route("/", root, methods=["GET", "HEAD"], scope=Scope.PUBLIC),
+    route("/api/version", version, methods=["GET"], scope=Scope.PUBLIC),
+    route("/api/generate", generate, methods=["POST"], scope=Scope.USER),
+    route("/api/chat", chat, methods=["POST"], scope=Scope.USER),
+    route("/api/embed", embed, methods=["POST"], scope=Scope.USER),
+    route("/api/embeddings", embeddings, methods=["POST"], scope=Scope.USER),
+    route("/api/tags", tags, methods=["GET"], scope=Scope.USER),
+    route("/api/ps", ps, methods=["GET"], scope=Scope.USER),
+    route("/api/show", show, methods=["POST"], scope=Scope.USER),
     *(
-        Route(path, management, methods=["POST", "DELETE", "HEAD"])
+        route(path, management, methods=["POST", "DELETE", "HEAD"], scope=Scope.USER)
         for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete")
     ),
-    Route("/api/blobs/{digest}", management, methods=["POST", "HEAD"]),
+    route("/api/blobs/{digest}", management, methods=["POST", "HEAD"], scope=Scope.USER),
 ]
 
 BODIES: dict[str, type[Body]] = {

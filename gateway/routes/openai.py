@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from corral.errors import BadRequest, ModelNotFound
-from corral.gateway import inputs
 from corral.gateway.admission import Incoming, make_spec, read_request, relay
+from corral.gateway.auth import route
 from corral.gateway.dialect import Dialect
 from corral.gateway.ollama_schema import Body
 from corral.gateway.openai_dialect import (
@@ -42,6 +41,7 @@ from corral.gateway.state import state_of
 from corral.gateway.validation import check
 from corral.keys import JobKind
 from corral.names import normalize_model
+from corral.tenants import Scope
 
 JSON = "application/json; charset=utf-8"
 _IMAGE_URL = re.compile(r"data:(?:image/(?:jpeg|jpg|png|webp))?;base64,(.*)", re.DOTALL)
@@ -81,7 +81,7 @@ async def _openai_job(
     """Translate, then admit and relay exactly as an Ollama request (nothing queued on 4xx)."""
     incoming = await read_request(request)
     ask = translate(incoming.body)
-    ollama = Incoming(incoming.state, ask.body, incoming.key_priority)
+    ollama = Incoming(incoming.state, ask.body, incoming.principal)
     spec = await make_spec(request, ollama, kind, stream=ask.stream)
     return await relay(request, spec, _dialect(kind, ask, spec.job_id), body=ask.body)
 
@@ -97,7 +97,6 @@ def _dialect(kind: JobKind, ask: Translated, job_id: str) -> Dialect:
 
 async def list_models(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     models = state.fleet.current.models()
     data = [model_object(name, models[name]) for name in sorted(models)]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
@@ -105,7 +104,6 @@ async def list_models(request: Request) -> Response:
 
 async def retrieve_model(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     name = str(request.path_params["model"])
     model = normalize_model(name)
     if not model or not await state.fleet.has_model(model):
@@ -115,11 +113,11 @@ async def retrieve_model(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
-    Route("/v1/embeddings", embeddings, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
-    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+    route("/v1/chat/completions", chat_completions, methods=["POST"], scope=Scope.USER),
+    route("/v1/completions", completions, methods=["POST"], scope=Scope.USER),
+    route("/v1/embeddings", embeddings, methods=["POST"], scope=Scope.USER),
+    route("/v1/models", list_models, methods=["GET"], scope=Scope.USER),
+    route("/v1/models/{model:path}", retrieve_model, methods=["GET"], scope=Scope.USER),
 ]
 
 BODIES: dict[str, type[Body]] = {

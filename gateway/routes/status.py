@@ -4,8 +4,9 @@ figures), ``GET /status/series.json`` (its graphs) and ``GET /metrics`` (Prometh
 All read the whole fleet from Redis (``corral.snapshot``, ``corral.telemetry``,
 ``corral.series``), so any gateway process answers for every node, queue and counter.
 The dashboard's page, script and style sheet ship inside the package: nothing is
-fetched from anywhere else. Like ``/nodes``, each asks for an API key when keys are
-configured (the page's own requests send the browser's credentials).
+fetched from anywhere else. When keys are configured, ``/metrics`` needs the ``metrics``
+scope and the dashboard (page and figures) the ``admin`` scope; its script and style
+sheet hold no figures and are public.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
 
 from corral import series
 from corral.errors import BadRequest
-from corral.gateway import cache_metrics, inputs
+from corral.gateway import cache_metrics
 from corral.gateway import metrics as fleet_metrics
+from corral.gateway.auth import route
 from corral.gateway.routes.ollama import json_response
 from corral.gateway.state import GatewayState, state_of
 from corral.snapshot import Snapshot, take_snapshot
 from corral.telemetry import RETENTION, read_metrics
+from corral.tenants import Scope
 
 ASSET_TYPES = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -52,7 +54,6 @@ async def _snapshot(state: GatewayState) -> Snapshot:
 
 async def metrics(request: Request) -> Response:
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     snapshot = await _snapshot(state)
     recorded = await read_metrics(state.redis)
     # Rendering is synchronous and cheap: the Redis reads are all done.
@@ -68,7 +69,6 @@ async def metrics(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
-    inputs.api_key_priority(request, state_of(request).settings)
     return HTMLResponse(asset("dashboard.html"), headers=NO_STORE)
 
 
@@ -80,7 +80,6 @@ async def status_asset(request: Request) -> Response:
 async def status_json(request: Request) -> Response:
     """The snapshot the dashboard draws its tables from, with this gateway's figures."""
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     snapshot = await _snapshot(state)
     body = {
         **asdict(snapshot),
@@ -97,7 +96,6 @@ async def status_json(request: Request) -> Response:
 async def series_json(request: Request) -> Response:
     """``?resolution=1|10&span=SECONDS``: every graph's lines over the last ``span``."""
     state = state_of(request)
-    inputs.api_key_priority(request, state.settings)
     try:
         resolution = int(request.query_params.get("resolution", "1"))
         span = float(request.query_params.get("span", "300"))
@@ -113,9 +111,12 @@ async def series_json(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/metrics", metrics, methods=["GET"]),
-    Route("/status", status, methods=["GET"]),
-    Route("/status.json", status_json, methods=["GET"]),
-    Route("/status/series.json", series_json, methods=["GET"]),
-    *(Route(f"/status/{name}", status_asset, methods=["GET"]) for name in ASSET_TYPES),
+    route("/metrics", metrics, methods=["GET"], scope=Scope.METRICS),
+    route("/status", status, methods=["GET"], scope=Scope.ADMIN),
+    route("/status.json", status_json, methods=["GET"], scope=Scope.ADMIN),
+    route("/status/series.json", series_json, methods=["GET"], scope=Scope.ADMIN),
+    *(
+        route(f"/status/{name}", status_asset, methods=["GET"], scope=Scope.PUBLIC)
+        for name in ASSET_TYPES
+    ),
 ]
