@@ -18,6 +18,8 @@ it always was: every caller is ``ANONYMOUS``, with every scope and no limits.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import logging
 import time
@@ -55,6 +57,11 @@ CACHE_MAX = 10_000
 
 FAIL_WINDOW = 60.0
 CHALLENGE = 'Bearer realm="corral"'
+BROWSER_CHALLENGE = 'Basic realm="corral", charset="UTF-8"'
+BROWSER_PAGES = frozenset({"/status"})
+"""Pages a person opens in a browser, which cannot send a bearer token: their 401 asks for
+Basic credentials (any user name, the API key as the password), which the browser then
+sends with the page's own requests for its figures too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,20 +124,20 @@ class Authenticator:
             return OPEN
         address = request.client.host if request.client else ""
         self._throttle(address)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _credential(request.headers.get("authorization", ""))
+        browser = request.url.path in BROWSER_PAGES
+        if not token:
             self._failed(address)
             raise Unauthorized(
                 "unauthorized: a valid API key is required (Authorization: Bearer ...)",
-                headers={"www-authenticate": CHALLENGE},
+                headers={"www-authenticate": BROWSER_CHALLENGE if browser else CHALLENGE},
             )
         key = await self._key(token)
         if key is None:
             self._failed(address)
+            challenge = BROWSER_CHALLENGE if browser else f'{CHALLENGE}, error="invalid_token"'
             raise Unauthorized(
-                "unauthorized: invalid API key",
-                headers={"www-authenticate": f'{CHALLENGE}, error="invalid_token"'},
+                "unauthorized: invalid API key", headers={"www-authenticate": challenge}
             )
         if not key.allows(need):
             raise Forbidden(
@@ -282,3 +289,21 @@ def unscoped(routes: list[BaseRoute]) -> list[str]:
     return [
         getattr(r, "path", repr(r)) for r in routes if not isinstance(r, ScopedRoute | ScopedMount)
     ]
+
+
+def _credential(header: str) -> str:
+    """The API key in an ``Authorization`` header: a bearer token, or the password of Basic
+    credentials (what a browser sends for the dashboard); "" when there is none."""
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    match scheme.lower():
+        case "bearer":
+            return value
+        case "basic":
+            try:
+                decoded = base64.b64decode(value, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return ""
+            return decoded.partition(":")[2]
+        case _:
+            return ""

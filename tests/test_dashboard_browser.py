@@ -20,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import ollama
 import pytest
 
@@ -164,4 +165,41 @@ async def test_dashboard_in_chromium(
             if not load.done():
                 load.cancel()
             await asyncio.gather(load, return_exceptions=True)
+    assert errors == [], errors
+
+
+@pytest.mark.timeout(120)
+async def test_dashboard_behind_keys_asks_the_browser_for_one(
+    start_cluster: StartCluster, artifacts: Path
+) -> None:
+    """With keys configured the page answers 401 with a Basic challenge; a browser given
+    the admin key as the password loads it and every figure, a user key is refused."""
+    executable = chromium()
+    playwright_api = pytest.importorskip(
+        "playwright.async_api", reason="playwright is in the dev extra: pip install -e '.[dev]'"
+    )
+    cluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=2)], gateway={"api_keys": "admin-secret-key-1"}
+    )
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
+        asked = await http.get("/status")
+        assert asked.status_code == 401
+        assert asked.headers["www-authenticate"].startswith("Basic realm=")
+        assert (await http.get("/status.json", auth=("me", "admin-secret-key-1"))).is_success
+        assert (await http.get("/status", auth=("me", "wrong"))).status_code == 401
+    errors: list[str] = []
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
+        )
+        context = await browser.new_context(
+            http_credentials={"username": "operator", "password": "admin-secret-key-1"}
+        )
+        page = await context.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(f"{cluster.url}/status")
+        await page.wait_for_selector('tr[data-node="node1"]', timeout=20_000)
+        await page.screenshot(path=str(artifacts / "dashboard-with-keys.png"), full_page=True)
+        await browser.close()
     assert errors == [], errors
