@@ -174,6 +174,17 @@ class JobStore:
     async def claim_many(self, model: str, consumer: str, limit: int) -> list[ClaimedJob]:
         """Claim up to ``limit`` runnable jobs of ``model`` in one round trip, most urgent
         first; an empty list when none waits."""
+        jobs, _ = await self.claim_aged(model, consumer, limit)
+        return jobs
+
+    async def claim_aged(
+        self, model: str, consumer: str, limit: int, min_age: float = 0.0
+    ) -> tuple[list[ClaimedJob], float | None]:
+        """As ``claim_many``, taking only jobs that have waited ``min_age`` seconds.
+
+        Also returns, when a younger job was left, the seconds until it will have waited
+        that long (None otherwise).
+        """
         reply = await self.scripts.claim(
             keys=[
                 *keys.streams(model),
@@ -185,9 +196,13 @@ class JobStore:
                 # timeout, and the script then answers with the jobs it took the first time.
                 keys.claim_receipt(model, uuid.uuid4().hex),
             ],
-            args=argv(self.claim_args(consumer, limit)),
+            args=argv(self.claim_args(consumer, limit, min_age)),
         )
-        return [
+        rows = list(reply or ())
+        defer: float | None = None
+        if rows and rows[-1] and rows[-1][0] == b"defer":
+            defer = int(rows.pop()[1]) / 1000
+        jobs = [
             ClaimedJob(
                 job_id=job_id.decode(),
                 kind=JobKind(kind.decode()),
@@ -200,10 +215,11 @@ class JobStore:
                 attempt=int(attempt),
                 run_timeout=float(run_timeout or 0),
             )
-            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout in reply or ()
+            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout in rows
         ]
+        return jobs, defer
 
-    def claim_args(self, consumer: str, want: int) -> Claim:
+    def claim_args(self, consumer: str, want: int, min_age: float = 0.0) -> Claim:
         """The claim script's named arguments."""
         return Claim(
             group=keys.GROUP,
@@ -216,6 +232,7 @@ class JobStore:
             gateway_ttl=self.gateway_ttl,
             expired=_EXPIRED_IN_QUEUE,
             orphaned=_ORPHANED_IN_QUEUE,
+            min_age=min_age,
         )
 
     async def finish(

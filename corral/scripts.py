@@ -115,6 +115,9 @@ class Claim:
     """For a job whose deadline passed while it waited."""
     orphaned: Ending
     """For a job whose client waits on a gateway that is gone."""
+    min_age: float = 0.0
+    """Claim only entries that have waited this many seconds (a node deferring to better
+    placed nodes); 0 claims any."""
 
 
 @dataclass(slots=True, frozen=True)

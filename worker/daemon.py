@@ -33,8 +33,10 @@ from corral.streams import existing_streams
 from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
 from corral.worker.aggregate import Aggregator
+from corral.worker.breaker import Breaker, BreakerState
 from corral.worker.metrics import HostMetrics, host_addresses
 from corral.worker.ollama import OllamaClient
+from corral.worker.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ CLAIM_BATCH = 16
 REDIS_WRITE_ERRORS = (RedisError, OSError, RuntimeError)
 """What a bookkeeping write may raise and be tried again after: a dropped connection, a
 timeout, and error replies too (``OOM`` while Redis refuses writes at ``maxmemory``)."""
+
+LOADED_NS = 100_000_000
+"""A ``load_duration`` above this (ns) means the job paid a model load."""
 
 MODELS_TIMEOUT = 30.0
 """Seconds model discovery (``/api/tags``, ``/api/version``) may take before it is retried."""
@@ -110,6 +115,26 @@ class Worker:
         self._version = ""
         self.stranded_after = STRANDED_AFTER
         self._backoff = loops.Backoff(base=0.2, cap=2.0)
+        self.breaker = Breaker(
+            threshold=settings.breaker_failures,
+            window=settings.breaker_window,
+            cooldown=settings.breaker_cooldown,
+        )
+        self._breaker_changed = asyncio.Event()
+        self.placement = Placement(
+            self.node_id,
+            weight=settings.weight,
+            backup=settings.backup,
+            weight_step=settings.weight_step,
+            spill_after=settings.spill_after,
+            locality_wait=settings.locality_wait,
+            load_cost=settings.load_cost,
+        )
+        self._peers: list[fleet.NodeRecord] = []
+        """The live nodes' heartbeats, as last read (placement defers to better ones)."""
+        self._forced = {
+            normalize_model(model): options for model, options in settings.forced_options().items()
+        }
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -135,6 +160,7 @@ class Worker:
             ("loaded-models", beat, self.refresh_loaded, None),
             ("models", self.settings.models_refresh, self.refresh_models, None),
             ("upkeep", beat, self.upkeep, None),
+            ("peers", beat, self.refresh_peers, None),
         ]
         background = [
             asyncio.create_task(
@@ -299,6 +325,10 @@ class Worker:
         host = await asyncio.to_thread(self.metrics.read) if self.metrics else {}
         await fleet.publish_heartbeat(self.redis, self.record(host), self.settings.node_ttl)
 
+    async def refresh_peers(self) -> None:
+        """Read the other nodes' heartbeats, for placement."""
+        self._peers = (await fleet.read_fleet(self.redis, self.settings.node_ttl)).nodes
+
     async def upkeep(self) -> None:
         """Catch lost cancellations and stranded entries; keep cached model info alive."""
         await self._reconcile_cancels()
@@ -312,7 +342,15 @@ class Worker:
                 await pipe.execute()
 
     def record(self, host: dict[str, Any] | None = None) -> fleet.NodeRecord:
-        state = "draining" if self._draining else "running" if self._ollama_ok else "ollama-down"
+        breaker = self.breaker.state
+        if self._draining:
+            state = "draining"
+        elif not self._ollama_ok:
+            state = "ollama-down"
+        elif breaker is not BreakerState.CLOSED:
+            state = f"breaker-{breaker.value}"  # never "running": not a healthy node
+        else:
+            state = "running"
         return {
             "node_id": self.node_id,
             "hosts": host_addresses(),
@@ -326,6 +364,10 @@ class Worker:
             "running": list(self._running),
             "started_at": self._started_at,
             "loops": self.health.report(),
+            "breaker": self.breaker.report(),
+            "weight": self.settings.weight,
+            "backup": self.settings.backup,
+            "load_costs": {m: round(s, 3) for m, s in self.placement.load_costs.items()},
             **(host or {}),
         }
 
@@ -423,16 +465,33 @@ class Worker:
         """
         failures = 0
         while True:
+            allowed = self.breaker.allowance(limit)
+            if not allowed:
+                await self._wait_for_breaker()
+                continue
             order = self._claim_order()
             jobs: list[ClaimedJob] = []
+            defer: float | None = None
             try:
                 for model in order:
-                    jobs += await self.store.claim_many(model, self.node_id, limit - len(jobs))
-                    if len(jobs) == limit:
+                    got, later = await self.store.claim_aged(
+                        model, self.node_id, allowed - len(jobs), self._claim_delay(model)
+                    )
+                    jobs += got
+                    if later is not None:
+                        defer = later if defer is None else min(defer, later)
+                    if len(jobs) == allowed:
                         break
                 if jobs:
                     self._claims += 1
-                    return jobs, len(jobs) < limit
+                    for job in jobs:
+                        self.breaker.claimed(job.job_id)
+                    return jobs, len(jobs) < limit and defer is None
+                if defer is not None:
+                    # Jobs wait that better placed nodes should take first: look again
+                    # when the first of them has waited out this node's delay.
+                    await asyncio.sleep(min(defer, self.settings.bell_timeout))
+                    continue
                 await self._wait_for_work(order)
             except Exception as exc:  # any failure: back off and claim again, never die
                 if jobs:  # claimed before the failure: run those, they are ours
@@ -442,10 +501,42 @@ class Worker:
                 log.warning("claiming failed (%d in a row), retrying: %r", failures, exc)
                 await asyncio.sleep(self._backoff.delay(failures))  # back off from an outage
 
+    def _claim_delay(self, model: str) -> float:
+        """Seconds a job of ``model`` must have waited before this node claims it."""
+        loaded = model in self._loaded_names()
+        delay = self.placement.delay(model, loaded_here=loaded, peers=self._peers)
+        if self.breaker.recent_failures() and self._served_elsewhere(model):
+            # Failing lately: let healthy nodes take jobs first, so one job is not failed
+            # here attempt after attempt before the breaker opens.
+            delay = max(delay, self.settings.spill_after)
+        return delay
+
+    def _served_elsewhere(self, model: str) -> bool:
+        return any(
+            peer.get("node_id") != self.node_id
+            and peer.get("state") == "running"
+            and any(
+                normalize_model(str(m.get("name") or m.get("model"))) == model
+                for m in peer.get("models") or ()
+            )
+            for peer in self._peers
+        )
+
+    def _loaded_names(self) -> set[str]:
+        return {normalize_model(str(m.get("name") or m.get("model"))) for m in self._loaded}
+
+    async def _wait_for_breaker(self) -> None:
+        """Wait while the breaker allows no claim: until it may go half-open, or its probe
+        ends (then the state changed)."""
+        self._breaker_changed.clear()
+        wait = self.breaker.reopens_in() or self.settings.bell_timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._breaker_changed.wait(), wait)
+
     def _claim_order(self) -> list[str]:
         if not self._ollama_ok:
             return []
-        loaded = {normalize_model(str(m.get("name") or m.get("model"))) for m in self._loaded}
+        loaded = self._loaded_names()
         hot = [m for m in self.models if m in loaded]
         cold = [m for m in self.models if m not in loaded]
         if self._claims % FAIRNESS_EVERY == FAIRNESS_EVERY - 1:
@@ -488,16 +579,21 @@ class Worker:
         )
         progress = Progress()
         limit = asyncio.timeout(job.run_timeout or None)
+        healthy: bool | None = None  # the breaker's verdict on this node, if any
         try:
             async with limit:
                 if job.kind.streams:
                     result, final = await self._stream(job, progress)
                 else:
-                    result = final = await self.ollama.post(job.kind.path, job.request)
+                    result = final = await self.ollama.post(job.kind.path, self._request(job))
+            healthy = True
+            self._measure(job.model, result)
             message = protocol.encode(job.job_id, progress.sent, protocol.DONE, final)
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
+            # A 4xx is Ollama answering properly about a bad request: the node is fine.
+            healthy = exc.status < 500
             await self._failed(job, exc, progress.sent)
         except TimeoutError as exc:
             if limit.expired():
@@ -523,6 +619,48 @@ class Worker:
             else:
                 await asyncio.shield(self._hand_back(job, progress.sent))
             raise
+        finally:
+            self._judge(job.job_id, healthy)
+
+    def _judge(self, job_id: str, healthy: bool | None) -> None:
+        """Tell the breaker how the node did on a job (None: no verdict)."""
+        before = self.breaker.state
+        if healthy is None:
+            self.breaker.released(job_id)
+        elif healthy:
+            self.breaker.succeeded(job_id)
+        else:
+            self.breaker.failed(job_id)
+        self._breaker_changed.set()
+        after = self.breaker.state
+        if after is not before:
+            log.warning("node %s circuit breaker %s -> %s", self.node_id, before, after)
+
+    def _request(self, job: ClaimedJob) -> bytes:
+        """The request as sent to Ollama: with this model's forced runner options, if any,
+        so requests that differ only there do not make Ollama reload the model."""
+        forced = self._forced.get(job.model)
+        if not forced:
+            return job.request
+        body = orjson.loads(job.request)
+        if not isinstance(body, dict):
+            return job.request
+        options = body.get("options")
+        body["options"] = {**(options if isinstance(options, dict) else {}), **forced}
+        return orjson.dumps(body)
+
+    def _measure(self, model: str, result: bytes) -> None:
+        """Learn this node's load cost for ``model`` from a final answer's load_duration
+        (nanoseconds; a load shows as more than a tenth of a second, a warm model less)."""
+        try:
+            final = orjson.loads(result)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(final, dict):
+            return
+        load = final.get("load_duration")
+        if isinstance(load, int | float) and load > LOADED_NS:
+            self.placement.note_load(model, load / 1e9)
 
     def _unexpected(self, job: ClaimedJob, exc: BaseException) -> BackendError:
         """Anything but a backend error (a Redis error reply, a bug): the job must not stay
@@ -565,7 +703,7 @@ class Worker:
         aggregate = Aggregator(job.kind)
         channel = keys.reply_channel(job.gateway_id)
         last = b""
-        async for line in self.ollama.stream_lines(job.kind.path, job.request):
+        async for line in self.ollama.stream_lines(job.kind.path, self._request(job)):
             chunk = _parse_chunk(line)
             if "error" in chunk:  # Ollama reports mid-stream failures as an error line
                 raise BackendError(str(chunk["error"]), 500, retriable=False)
