@@ -1,0 +1,161 @@
+"""Placement in a running fleet: circuit breakers, weights, backups, model locality and
+forced runner options."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import ollama
+import orjson
+from redis.asyncio import Redis
+
+from corral import keys
+from corral.jobs import JobSpec, JobStore
+from corral.keys import JobKind
+from corral.tooling.cluster import LocalCluster, LocalNode
+from corral.tooling.fake_ollama import FakeOllamaConfig
+from tests.helpers import until
+
+StartCluster = Callable[..., Awaitable[LocalCluster]]
+MODEL = "llama3:latest"
+
+
+async def _record(redis: Redis, node_id: str) -> dict[str, Any]:
+    raw = await redis.get(keys.node(node_id))
+    return orjson.loads(raw) if raw else {}
+
+
+async def _breaker_state(redis: Redis, node_id: str) -> str:
+    return str(((await _record(redis, node_id)).get("breaker") or {}).get("state"))
+
+
+def _requests(node: LocalNode) -> int:
+    return int(node.fake.fake.stats()["requests"].get("/api/generate", 0))
+
+
+async def _sees_peers(node: LocalNode, count: int) -> None:
+    """Wait until ``node`` has read ``count`` running peers' heartbeats (placement needs them)."""
+
+    async def seen() -> int:
+        return sum(1 for p in node.worker._peers if p.get("state") == "running")
+
+    await until(seen, count, within=20)
+
+
+# -- the claim script's minimum age -------------------------------------------------------
+
+
+async def test_a_claim_with_a_minimum_age_leaves_younger_jobs_and_says_when(
+    redis: Redis,
+) -> None:
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    spec = JobSpec(
+        kind=JobKind.GENERATE, model=MODEL, request=b'{"model":"llama3:latest","prompt":"x"}',
+        priority=5, gateway_id="gw", stream=False, wait=False,
+    )  # fmt: skip
+    await store.enqueue(spec, max_queue=10)
+    await redis.delete(keys.doorbell(MODEL))
+
+    jobs, defer = await store.claim_aged(MODEL, "cold", 2, min_age=30.0)
+
+    assert jobs == []
+    assert defer is not None and 25.0 < defer <= 30.0
+    assert await redis.llen(keys.doorbell(MODEL)) == 1, "rung again for a better node"
+    assert await redis.hget(keys.job(spec.job_id), "state") == b"queued"
+    jobs, defer = await store.claim_aged(MODEL, "warm", 2, min_age=0.0)
+    assert [job.job_id for job in jobs] == [spec.job_id] and defer is None
+
+
+# -- circuit breaker ---------------------------------------------------------------------
+
+
+async def test_a_failing_node_opens_its_breaker_and_every_request_completes_elsewhere(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    cluster = await start_cluster(
+        [
+            FakeOllamaConfig(num_parallel=2, token_rate=200),
+            FakeOllamaConfig(num_parallel=2, token_rate=200, fail_rate=1.0, fail_status=500),
+        ],
+        # Locality off: the failing node never loaded the model, and would otherwise
+        # leave these short jobs to the warm node for good.
+        worker={
+            "breaker_failures": 2,
+            "breaker_cooldown": 1.0,
+            "spill_after": 0.2,
+            "locality_wait": 0.0,
+        },
+        gateway={"max_attempts": 5},
+        scheduler={"retry_base": 0.05, "retry_cap": 0.1},
+    )
+    good, bad = cluster.nodes
+    await _sees_peers(bad, 2)
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        replies = await asyncio.gather(
+            *(client.generate(model="llama3", prompt=f"job {i}") for i in range(20))
+        )
+        assert [r.response for r in replies] == [f"echo: job {i}" for i in range(20)]
+        assert good.fake.fake.stats()["completed"] == 20
+        await until(lambda: _breaker_state(redis, bad.node_id), "open", within=10)
+
+        # Open: the node claims nothing, and nothing shows it healthy.
+        record = await _record(redis, bad.node_id)
+        assert record["state"] == "breaker-open"
+        assert record["breaker"]["trips"] >= 1
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
+            nodes = (await http.get("/nodes")).json()["nodes"]
+            shown = {n["node_id"]: n for n in nodes}
+            assert shown[bad.node_id]["breaker"]["state"] in ("open", "half-open")
+            metrics = (await http.get("/metrics")).text
+        assert f'corral_node_breaker_open{{node="{bad.node_id}"}} 1.0' in metrics
+
+        # The node recovers: after the cool-down one probe job succeeds and closes it.
+        bad.fake.fake.configure(fail_rate=0.0)
+        deadline = time.monotonic() + 30
+        while await _breaker_state(redis, bad.node_id) != "closed":
+            assert time.monotonic() < deadline, "the breaker never closed"
+            await client.generate(model="llama3", prompt="after")
+        assert bad.fake.fake.stats()["completed"] >= 1
+    assert (await _record(redis, bad.node_id))["state"] == "running"
+
+
+async def test_an_open_breaker_stops_claims_until_its_cooldown(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    cluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=1, fail_rate=1.0, fail_status=500)],
+        worker={"breaker_failures": 1, "breaker_cooldown": 60.0},
+        gateway={"max_attempts": 5},
+        scheduler={"retry_base": 0.05, "retry_cap": 0.1},
+    )
+    node = cluster.nodes[0]
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        reply = await http.post(
+            "/jobs",
+            json={"kind": "generate", "wait": False, "request": {"model": "llama3", "prompt": "x"}},
+        )
+        job_id = reply.json()["id"]
+        await until(lambda: _breaker_state(redis, node.node_id), "open", within=10)
+        assert _requests(node) == 1
+        # The retry is back in the queue, and the node answers again; an open breaker
+        # still must not claim it. A claim would come within one doorbell timeout (1 s):
+        # watch for three seconds of the node's heartbeats (Redis's clock).
+        node.fake.fake.configure(fail_rate=0.0)
+        await until(lambda: _state(http, job_id), "queued", within=10)
+        since = float((await _record(redis, node.node_id))["ts"])
+
+        async def heartbeats_past() -> bool:
+            return float((await _record(redis, node.node_id))["ts"]) > since + 3.0
+
+        await until(heartbeats_past, True, within=20)
+        assert _requests(node) == 1
+        assert await _state(http, job_id) == "queued"
+        assert (await _record(redis, node.node_id))["state"] == "breaker-open"
+
+
+async def _state(http: httpx.AsyncClient, job_id: str) -> str:
+    return str((await http.get(f"/jobs/{job_id}")).json()["state"])

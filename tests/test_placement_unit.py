@@ -1,0 +1,157 @@
+"""The circuit breaker's transitions and the claim delays of placement, on their own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from corral.errors import ConfigError
+from corral.settings import WorkerSettings
+from corral.worker.breaker import Breaker, BreakerState
+from corral.worker.placement import Placement
+
+MODEL = "llama3:latest"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _breaker(clock: Clock, threshold: int = 3) -> Breaker:
+    return Breaker(threshold=threshold, window=10.0, cooldown=5.0, clock=clock)
+
+
+def test_failures_within_the_window_open_the_breaker() -> None:
+    clock = Clock()
+    breaker = _breaker(clock)
+    breaker.failed("a")
+    breaker.failed("b")
+    assert breaker.state is BreakerState.CLOSED and breaker.allowance(4) == 4
+    breaker.failed("c")
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.allowance(4) == 0
+    assert breaker.report()["trips"] == 1 and breaker.report()["failures"] == 3
+
+
+def test_failures_spread_wider_than_the_window_do_not_open_it() -> None:
+    clock = Clock()
+    breaker = _breaker(clock)
+    for job in "abcde":
+        breaker.failed(job)
+        clock.now += 6.0  # two failures never fall within one 10 s window with a third
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_half_open_after_the_cooldown_allows_one_probe_and_its_success_closes() -> None:
+    clock = Clock()
+    breaker = _breaker(clock, threshold=1)
+    breaker.failed("a")
+    clock.now += 4.9
+    assert breaker.state is BreakerState.OPEN and breaker.reopens_in() == pytest.approx(0.1)
+    clock.now += 0.2
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allowance(4) == 1
+    breaker.claimed("probe")
+    assert breaker.allowance(4) == 0, "one probe at a time"
+    breaker.succeeded("probe")
+    assert breaker.state is BreakerState.CLOSED and breaker.allowance(4) == 4
+
+
+def test_a_failed_probe_opens_it_again_for_a_full_cooldown() -> None:
+    clock = Clock()
+    breaker = _breaker(clock, threshold=1)
+    breaker.failed("a")
+    clock.now += 5.0
+    breaker.claimed("probe")
+    breaker.failed("probe")
+    assert breaker.state is BreakerState.OPEN and breaker.reopens_in() == pytest.approx(5.0)
+    assert breaker.trips == 2
+
+
+def test_a_probe_with_no_verdict_lets_the_next_claim_probe() -> None:
+    clock = Clock()
+    breaker = _breaker(clock, threshold=1)
+    breaker.failed("a")
+    clock.now += 5.0
+    breaker.claimed("probe")
+    breaker.released("probe")  # cancelled or handed back: says nothing about the node
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.allowance(2) == 1
+
+
+def test_a_late_failure_of_a_job_claimed_before_the_breaker_opened_does_not_extend_it() -> None:
+    clock = Clock()
+    breaker = _breaker(clock, threshold=1)
+    breaker.failed("a")
+    clock.now += 3.0
+    breaker.failed("b")
+    assert breaker.reopens_in() == pytest.approx(2.0)
+
+
+def test_threshold_zero_never_opens() -> None:
+    breaker = _breaker(Clock(), threshold=0)
+    for job in "abcdefgh":
+        breaker.failed(job)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def _peer(node_id: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "state": "running",
+        "models": [{"name": MODEL}],
+        "loaded": [],
+        "slots_total": 1,
+        "slots_busy": 0,
+        "weight": 1,
+        "backup": False,
+        **fields,
+    }
+
+
+def test_weight_delays_by_step_per_free_node_of_higher_weight() -> None:
+    me = Placement("me", weight=1, weight_step=0.1)
+    peers = [
+        _peer("heavy", weight=10),
+        _peer("heavier", weight=20),
+        _peer("busy", weight=30, slots_busy=1),  # no free slot: does not hold us back
+        _peer("light", weight=1),
+        _peer("other-model", weight=50, models=[{"name": "qwen2:0.5b"}]),
+        _peer("broken", weight=50, state="breaker-open"),
+    ]
+    assert me.delay(MODEL, loaded_here=True, peers=peers) == pytest.approx(0.2)
+    top = Placement("top", weight=30, weight_step=0.1)
+    assert top.delay(MODEL, loaded_here=True, peers=peers) == 0.0
+
+
+def test_a_backup_waits_only_while_a_primary_has_a_free_slot() -> None:
+    backup = Placement("spare", backup=True, spill_after=2.0)
+    assert backup.delay(MODEL, loaded_here=True, peers=[_peer("p")]) == 2.0
+    saturated = [_peer("p", slots_busy=1), _peer("other-backup", backup=True)]
+    assert backup.delay(MODEL, loaded_here=True, peers=saturated) == 0.0
+    primary = Placement("p2", weight=100)
+    assert primary.delay(MODEL, loaded_here=True, peers=[_peer("spare", backup=True)]) == 0.0
+
+
+def test_a_cold_node_waits_the_load_cost_while_a_warm_node_serves_the_model() -> None:
+    cold = Placement("cold", load_cost=5.0, locality_wait=3.0)
+    warm = [_peer("warm", loaded=[{"name": MODEL}], slots_busy=1)]
+    assert cold.delay(MODEL, loaded_here=False, peers=warm) == 3.0  # capped
+    cold.note_load(MODEL, 1.5)  # measured here: cheaper than the cap
+    assert cold.delay(MODEL, loaded_here=False, peers=warm) == 1.5
+    assert cold.delay(MODEL, loaded_here=True, peers=warm) == 0.0
+    assert cold.delay(MODEL, loaded_here=False, peers=[_peer("also-cold")]) == 0.0
+    off = Placement("cold", locality_wait=0.0)
+    assert off.delay(MODEL, loaded_here=False, peers=warm) == 0.0
+
+
+def test_model_options_must_be_reload_options_per_model() -> None:
+    ok = WorkerSettings.build(model_options='{"llama3": {"num_ctx": 8192}}')
+    assert ok.forced_options() == {"llama3": {"num_ctx": 8192}}
+    for bad in ("[1]", "{", '{"llama3": {"temperature": 0}}', '{"llama3": 3}'):
+        with pytest.raises(ConfigError, match="CORRAL_MODEL_OPTIONS"):
+            WorkerSettings.build(model_options=bad)
