@@ -159,3 +159,101 @@ async def test_an_open_breaker_stops_claims_until_its_cooldown(
 
 async def _state(http: httpx.AsyncClient, job_id: str) -> str:
     return str((await http.get(f"/jobs/{job_id}")).json()["state"])
+
+
+# -- weights, backups, locality ------------------------------------------------------------
+
+
+async def _one_at_a_time(cluster: LocalCluster, count: int, model: str = "llama3") -> None:
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        for i in range(count):
+            reply = await client.generate(model=model, prompt=f"one {i}")
+            assert reply.response == f"echo: one {i}"
+
+
+def _completed(node: LocalNode) -> int:
+    return int(node.fake.fake.stats()["completed"])
+
+
+async def test_the_heavier_node_takes_the_jobs_while_it_has_a_free_slot(
+    start_cluster: StartCluster,
+) -> None:
+    # Both nodes free, both with the model loaded: without weights each request goes to
+    # whichever node wins the doorbell (about half each).
+    config = FakeOllamaConfig(num_parallel=1, preloaded=[MODEL])
+    cluster = await start_cluster([config], worker={"weight": 10, "weight_step": 2.0})
+    light = await cluster.add_node(config, weight=1, weight_step=2.0, heartbeat_interval=0.5)
+    heavy = cluster.nodes[0]
+    await _sees_peers(light, 2)
+    await _one_at_a_time(cluster, 12)
+    # A heartbeat read while the heavy node ran a job shows it busy: at most one such
+    # miss is allowed for (the chance of 11 or 12 of 12 without weights is 0.3 %).
+    assert _completed(heavy) >= 11 and _completed(heavy) + _completed(light) == 12
+
+
+async def test_a_backup_takes_jobs_only_once_the_primaries_are_saturated(
+    start_cluster: StartCluster,
+) -> None:
+    config = FakeOllamaConfig(num_parallel=1, preloaded=[MODEL], token_rate=40)
+    cluster = await start_cluster([config])
+    backup = await cluster.add_node(config, backup=True, spill_after=5.0)
+    primary = cluster.nodes[0]
+    await _sees_peers(backup, 2)
+    await _one_at_a_time(cluster, 6)
+    assert _completed(primary) >= 5  # (one heartbeat read mid-job allowed for)
+    before = _completed(backup)
+
+    # Saturated: six jobs of ~0.2 s at once on a one-slot primary. The backup takes
+    # some once a heartbeat shows the primary busy, or once a job waited 5 s.
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        replies = await asyncio.gather(
+            *(client.generate(model="llama3", prompt=f"burst {i} a b c d e f") for i in range(6))
+        )
+    assert len(replies) == 6
+    assert _completed(backup) > before
+
+
+async def test_a_cold_node_leaves_short_jobs_to_the_node_with_the_model_loaded(
+    start_cluster: StartCluster,
+) -> None:
+    warm_config = FakeOllamaConfig(num_parallel=1, preloaded=[MODEL])
+    cluster = await start_cluster([warm_config], worker={"load_cost": 5.0})
+    cold = await cluster.add_node(FakeOllamaConfig(num_parallel=1, load_delay=0.3))
+    warm = cluster.nodes[0]
+    await _sees_peers(cold, 2)
+    await _one_at_a_time(cluster, 12)
+    assert _completed(warm) == 12
+    assert cold.fake.fake.stats()["loads"] == 0
+
+
+async def test_a_cold_node_loads_the_model_once_jobs_waited_its_load_cost(
+    start_cluster: StartCluster,
+) -> None:
+    warm_config = FakeOllamaConfig(num_parallel=1, preloaded=[MODEL], token_rate=20)
+    cluster = await start_cluster([warm_config])
+    cold = await cluster.add_node(FakeOllamaConfig(num_parallel=1, load_delay=0.2), load_cost=0.3)
+    await _sees_peers(cold, 2)
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        await asyncio.gather(
+            *(client.generate(model="llama3", prompt=f"slow {i} a b c d e") for i in range(6))
+        )
+    # Each job takes the warm node ~0.4 s: a backlog outlives the 0.3 s load cost.
+    assert _completed(cold) >= 1
+    assert cold.fake.fake.stats()["loads"] == 1
+    record = cold.worker.record()
+    assert 0 < record["load_costs"].get(MODEL, 0) < 1.0  # measured from load_duration
+
+
+async def test_forced_runner_options_stop_reloads_between_clients_that_differ_there(
+    start_cluster: StartCluster,
+) -> None:
+    forced = '{"llama3": {"num_ctx": 2048}}'
+    cluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=1)], worker={"model_options": forced}
+    )
+    fake = cluster.nodes[0].fake.fake
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        for num_ctx in (4096, 8192, None, 1024):
+            options = {"num_ctx": num_ctx} if num_ctx else None
+            await client.generate(model="llama3", prompt="ctx", options=options)
+    assert fake.stats()["loads"] == 1
