@@ -257,6 +257,11 @@ class WorkerSettings(CommonSettings):
         description="seconds a model load is assumed to take on this node until Ollama's "
         "load_duration has been measured for it",
     )
+    tail_aware: bool = Field(
+        True,
+        description="leave a short backlog of a model to nodes measured faster at it, when "
+        "they would finish it sooner even after waiting for a slot",
+    )
     model_options: str = Field(
         "",
         description='JSON object of runner options forced per model, e.g. {"llama3:latest": '

@@ -24,9 +24,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 Sample = tuple[Sequence[object], float]
 """Label values, in the order of the family's label names, and the value."""
 
-LIVE_STATES = frozenset(
-    {"running", "draining", "ollama-down", "breaker-open", "breaker-half-open"}
-)
+LIVE_STATES = frozenset({"running", "draining", "ollama-down", "breaker-open", "breaker-half-open"})
 """Node states whose heartbeat is fresh (``stale`` and ``gone`` are the others)."""
 
 

@@ -155,3 +155,34 @@ def test_model_options_must_be_reload_options_per_model() -> None:
     for bad in ("[1]", "{", '{"llama3": {"temperature": 0}}', '{"llama3": 3}'):
         with pytest.raises(ConfigError, match="CORRAL_MODEL_OPTIONS"):
             WorkerSettings.build(model_options=bad)
+
+
+def test_a_slow_node_leaves_a_short_backlog_to_faster_nodes() -> None:
+    # Speeds 1x, 2x and 4x, two slots each (the uneven-nodes benchmark's fleet).
+    peers = [
+        _peer("x1", slots_total=2, speeds={MODEL: 10.0}),
+        _peer("x2", slots_total=2, speeds={MODEL: 20.0}),
+        _peer("x4", slots_total=2, speeds={MODEL: 40.0}),
+    ]
+    slow = Placement("x1")
+    assert slow.tail_threshold(MODEL, peers) == 0.0, "its own speed is not measured yet"
+    slow.note_speed(MODEL, 100, 10.0)
+    # Faster nodes start 2*20 + 2*40 = 120 tokens/s of work; this one would be 1/10 -
+    # 1/40 s per token slower: a queue of 9 or fewer goes to them.
+    assert slow.tail_threshold(MODEL, peers) == pytest.approx(9.0)
+    middle = Placement("x2")
+    middle.note_speed(MODEL, 200, 10.0)
+    assert middle.tail_threshold(MODEL, peers) == pytest.approx(2.0)
+    fast = Placement("x4")
+    fast.note_speed(MODEL, 400, 10.0)
+    assert fast.tail_threshold(MODEL, peers) == 0.0
+    dead = [{**p, "state": "breaker-open"} for p in peers]
+    assert slow.tail_threshold(MODEL, dead) == 0.0, "only running nodes are waited for"
+
+
+def test_speed_is_a_moving_average_and_ignores_empty_measurements() -> None:
+    node = Placement("n")
+    node.note_speed(MODEL, 100, 1.0)
+    node.note_speed(MODEL, 0, 1.0)
+    node.note_speed(MODEL, 200, 1.0)
+    assert node.speeds[MODEL] == pytest.approx(130.0)

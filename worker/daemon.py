@@ -56,6 +56,12 @@ timeout, and error replies too (``OOM`` while Redis refuses writes at ``maxmemor
 LOADED_NS = 100_000_000
 """A ``load_duration`` above this (ns) means the job paid a model load."""
 
+MIN_TOKENS = 8
+"""Answers shorter than this say little about a node's speed and are not measured."""
+
+TAIL_POLL = 0.1
+"""Seconds between looks at a model's queue while faster nodes are left its short backlog."""
+
 MODELS_TIMEOUT = 30.0
 """Seconds model discovery (``/api/tags``, ``/api/version``) may take before it is retried."""
 
@@ -368,6 +374,7 @@ class Worker:
             "weight": self.settings.weight,
             "backup": self.settings.backup,
             "load_costs": {m: round(s, 3) for m, s in self.placement.load_costs.items()},
+            "speeds": {m: round(s, 2) for m, s in self.placement.speeds.items()},
             **(host or {}),
         }
 
@@ -474,6 +481,9 @@ class Worker:
             defer: float | None = None
             try:
                 for model in order:
+                    if await self._leave_to_faster(model):
+                        defer = TAIL_POLL if defer is None else min(defer, TAIL_POLL)
+                        continue
                     got, later = await self.store.claim_aged(
                         model, self.node_id, allowed - len(jobs), self._claim_delay(model)
                     )
@@ -510,6 +520,16 @@ class Worker:
             # here attempt after attempt before the breaker opens.
             delay = max(delay, self.settings.spill_after)
         return delay
+
+    async def _leave_to_faster(self, model: str) -> bool:
+        """Whether faster nodes should take the whole short backlog of ``model``."""
+        if not self.settings.tail_aware:
+            return False
+        threshold = self.placement.tail_threshold(model, self._peers)
+        if threshold <= 0:
+            return False
+        queued = int(await self.redis.get(keys.queued_count(model)) or 0)
+        return queued <= threshold
 
     def _served_elsewhere(self, model: str) -> bool:
         return any(
@@ -661,6 +681,9 @@ class Worker:
         load = final.get("load_duration")
         if isinstance(load, int | float) and load > LOADED_NS:
             self.placement.note_load(model, load / 1e9)
+        tokens, spent = final.get("eval_count"), final.get("eval_duration")
+        if isinstance(tokens, int) and isinstance(spent, int | float) and tokens >= MIN_TOKENS:
+            self.placement.note_speed(model, tokens, spent / 1e9)
 
     def _unexpected(self, job: ClaimedJob, exc: BaseException) -> BackendError:
         """Anything but a backend error (a Redis error reply, a bug): the job must not stay

@@ -16,6 +16,15 @@ preference longer than its delay. The reasons, added up:
   ``locality_wait``: the ski-rental rule, so a job never waits for a warm slot longer
   than loading the model here would have taken.
 
+**Tail-aware claims** are a gate rather than a delay: each node measures its speed per
+model (``eval_count / eval_duration`` of its answers). A node with faster peers for a
+model leaves that model's jobs to them while the queue is short enough that they would
+finish the last queued job sooner even after waiting for a slot: the faster nodes start
+queued jobs at a rate proportional to ``sum(slots * speed)`` over them, so with ``Q`` jobs
+queued this node claims only while ``Q > sum(slots_f * speed_f) * (1/speed - 1/fastest)``
+(the job length cancels out). Once the backlog is that short the slow node idles, and
+the tail of a batch runs on the fast nodes.
+
 Peers are read from the node registry (their heartbeats); a peer counts only while it
 heartbeats, its state is ``running`` (breaker closed) and it serves the model.
 """
@@ -27,6 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.names import normalize_model
+
+SPEED_SMOOTHING = 0.3
+"""Weight of the newest measurement in the moving average of a node's speed."""
+FASTER = 1.1
+"""A peer counts as faster only above this ratio: measurement noise must not make
+equal nodes defer to each other."""
 
 
 @dataclass(slots=True)
@@ -40,6 +55,33 @@ class Placement:
     load_cost: float = 5.0
     load_costs: dict[str, float] = field(default_factory=dict)
     """Measured seconds to load each model here (the last ``load_duration`` seen)."""
+    speeds: dict[str, float] = field(default_factory=dict)
+    """Measured generation speed per model here, tokens/s (a moving average)."""
+
+    def note_speed(self, model: str, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        speed = tokens / seconds
+        last = self.speeds.get(model)
+        self.speeds[model] = speed if last is None else last + SPEED_SMOOTHING * (speed - last)
+
+    def tail_threshold(self, model: str, peers: Iterable[dict[str, Any]]) -> float:
+        """Queue length at or below which faster peers should take ``model``'s jobs
+        (0 when no live peer is known to be faster)."""
+        mine = self.speeds.get(model)
+        if not mine:
+            return 0.0
+        capacity = 0.0
+        fastest = mine
+        for peer in peers:
+            if peer.get("node_id") == self.node_id or peer.get("state") != "running":
+                continue
+            speed = float((peer.get("speeds") or {}).get(model) or 0)
+            if speed <= mine * FASTER or model not in _names(peer.get("models")):
+                continue
+            capacity += int(peer.get("slots_total") or 0) * speed
+            fastest = max(fastest, speed)
+        return capacity * (1 / mine - 1 / fastest)
 
     def note_load(self, model: str, seconds: float) -> None:
         self.load_costs[model] = seconds
