@@ -41,6 +41,7 @@ BENCHMARKS = {
     "scheduling": ("bench_scheduling.py", 420, 900),
     "recovery": ("bench_recovery.py", 240, 420),
     "streaming": ("bench_streaming.py", 240, 420),
+    "placement": ("bench_placement.py", 300, 600),
 }
 """name -> (script, smoke timeout s, full timeout s)"""
 
