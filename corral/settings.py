@@ -262,6 +262,18 @@ class WorkerSettings(CommonSettings):
         description="leave a short backlog of a model to nodes measured faster at it, when "
         "they would finish it sooner even after waiting for a slot",
     )
+    embed_batching: bool = Field(
+        True,
+        description="send embed jobs for one model that run together as one /api/embed "
+        "call with a list input, split back per job",
+    )
+    embed_batch_window: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="seconds an embed job waits for others to join its batch (0: only jobs "
+        "claimed together share a call)",
+    )
     model_options: str = Field(
         "",
         description='JSON object of runner options forced per model, e.g. {"llama3:latest": '

@@ -257,3 +257,49 @@ async def test_forced_runner_options_stop_reloads_between_clients_that_differ_th
             options = {"num_ctx": num_ctx} if num_ctx else None
             await client.generate(model="llama3", prompt="ctx", options=options)
     assert fake.stats()["loads"] == 1
+
+
+# -- embedding micro-batching --------------------------------------------------------------
+
+
+async def test_embed_jobs_claimed_together_go_to_ollama_as_one_call(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    cluster = await start_cluster([])
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    model = "nomic-embed-text:latest"
+    bodies: list[dict[str, Any]] = [
+        {"model": model, "input": "alpha"},
+        {"model": model, "input": ["beta", "gamma"]},
+        {"model": model, "input": "delta"},
+        {"model": model, "input": "epsilon", "truncate": False},  # another batch
+    ]
+    specs = [
+        JobSpec(
+            kind=JobKind.EMBED,
+            model=model,
+            request=orjson.dumps(body),
+            priority=5,
+            gateway_id="gw",
+            stream=False,
+            wait=False,
+        )  # fmt: skip
+        for body in bodies
+    ]
+    for spec in specs:
+        await store.enqueue(spec, max_queue=10)
+    node = await cluster.add_node(FakeOllamaConfig(num_parallel=4))  # claims all four at once
+
+    async def all_done() -> bool:
+        states = [await redis.hget(keys.job(s.job_id), "state") for s in specs]
+        return states == [b"done"] * len(specs)
+
+    await until(all_done, True, within=20)
+    fake = node.fake.fake
+    assert fake.stats()["requests"]["/api/embed"] == 2  # three jobs in one call, one alone
+    results = [orjson.loads(await redis.hget(keys.job(s.job_id), "result")) for s in specs]
+    async with httpx.AsyncClient(base_url=node.fake.url, timeout=10) as direct:
+        for body, result in zip(bodies, results, strict=True):
+            alone = (await direct.post("/api/embed", json=body)).json()
+            assert result["embeddings"] == alone["embeddings"]
+            assert result["model"] == model

@@ -25,7 +25,7 @@ from corral import fleet, keys, loops, protocol
 from corral.connections import TRANSIENT_REDIS_ERRORS, server_time, text
 from corral.errors import BackendError, RedisUnavailable
 from corral.jobs import ORPHANED, ClaimedJob, JobStore
-from corral.keys import JobState
+from corral.keys import JobKind, JobState
 from corral.loops import LoopHealth
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
@@ -34,6 +34,7 @@ from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
 from corral.worker.aggregate import Aggregator
 from corral.worker.breaker import Breaker, BreakerState
+from corral.worker.embed_batch import EchoedError, EmbedBatcher
 from corral.worker.metrics import HostMetrics, host_addresses
 from corral.worker.ollama import OllamaClient
 from corral.worker.placement import Placement
@@ -136,6 +137,7 @@ class Worker:
             locality_wait=settings.locality_wait,
             load_cost=settings.load_cost,
         )
+        self.embedder = EmbedBatcher(self.ollama.post, window=settings.embed_batch_window)
         self._peers: list[fleet.NodeRecord] = []
         """The live nodes' heartbeats, as last read (placement defers to better ones)."""
         self._forced = {
@@ -604,6 +606,8 @@ class Worker:
             async with limit:
                 if job.kind.streams:
                     result, final = await self._stream(job, progress)
+                elif job.kind is JobKind.EMBED and self.settings.embed_batching:
+                    result = final = await self.embedder.embed(self._request(job))
                 else:
                     result = final = await self.ollama.post(job.kind.path, self._request(job))
             healthy = True
@@ -613,7 +617,8 @@ class Worker:
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
             # A 4xx is Ollama answering properly about a bad request: the node is fine.
-            healthy = exc.status < 500
+            # A batch's failure is the node's once, not once per job in the batch.
+            healthy = None if isinstance(exc, EchoedError) else exc.status < 500
             await self._failed(job, exc, progress.sent)
         except TimeoutError as exc:
             if limit.expired():
