@@ -283,7 +283,7 @@ async def test_embed_jobs_claimed_together_go_to_ollama_as_one_call(
             gateway_id="gw",
             stream=False,
             wait=False,
-        )  # fmt: skip
+        )
         for body in bodies
     ]
     for spec in specs:
