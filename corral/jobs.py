@@ -116,8 +116,12 @@ class JobStore:
         result_ttl: int,
         gateway_ttl: float = 30.0,
         clock: Callable[[], float] = time.time,
+        resume_streams: bool = False,
     ) -> None:
         self.redis = redis
+        self.resume_streams = resume_streams
+        """Whether a job that already streamed part of its answer is put back (to be
+        continued by the next node) rather than failed."""
         self.clock = clock
         """This process's clock: only for the informational times of history lines. Every
         comparison across hosts happens inside the scripts, on Redis's clock."""
@@ -279,9 +283,9 @@ class JobStore:
         """Put a job a node holds back in its queue at once (attempts stay counted).
 
         Returns 1 when requeued, 2 when failed instead (its client already had part of a
-        streamed answer), 3 when sent to the retry inbox to be dead-lettered (it used its
-        attempts: the record's own limit, or ``max_attempts`` for a record without one),
-        0 when the job was no longer held by ``consumer``.
+        streamed answer and ``resume_streams`` is off), 3 when sent to the retry inbox to
+        be dead-lettered (it used its attempts: the record's own limit, or ``max_attempts``
+        for a record without one), 0 when the job was no longer held by ``consumer``.
         """
         streamed = f"{reason} after part of the answer was streamed"
         named = Requeue(
@@ -298,6 +302,7 @@ class JobStore:
             job_ttl=self.job_ttl,
             result_ttl=self.result_ttl,
             reply_prefix=keys.reply_channel(""),
+            resume=self.resume_streams,
         )
         done = await self.scripts.requeue(
             keys=[

@@ -178,6 +178,8 @@ class Requeue:
     job_ttl: int
     result_ttl: int
     reply_prefix: str
+    resume: bool = False
+    """Put a job that already streamed back too: the next node continues its answer."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -45,6 +45,11 @@ class CommonSettings(BaseSettings):
     redis_pool_size: int = Field(
         48, ge=2, description="Redis connections per process (a blocking pool)"
     )
+    resume_streams: bool = Field(
+        True,
+        description="when a node dies (or its Ollama fails) in the middle of a streamed "
+        "answer, another node continues it from where the client is (worker and scheduler)",
+    )
     max_attempts: int = Field(
         3,
         ge=1,

@@ -38,6 +38,13 @@ from corral.worker.embed_batch import EchoedError, EmbedBatcher
 from corral.worker.metrics import HostMetrics, host_addresses
 from corral.worker.ollama import OllamaClient
 from corral.worker.placement import Placement
+from corral.worker.resume import (
+    Partial,
+    as_generate_chunk,
+    continuation,
+    read_partial,
+    summed_final,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,7 @@ class Worker:
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
             clock=self.clock,
+            resume_streams=settings.resume_streams,
         )
         self.health = LoopHealth()
         """Each background loop's last success, shown in the heartbeat."""
@@ -699,8 +707,9 @@ class Worker:
         return BackendError(reason, 500, retriable=True)
 
     async def _failed(self, job: ClaimedJob, exc: BackendError, sent: int) -> None:
-        """Retry what another attempt may fix, unless the client already has part of it."""
-        if exc.retriable and not sent:
+        """Retry what another attempt may fix; if the client already has part of it, only
+        when the next attempt continues the answer (``resume_streams``)."""
+        if exc.retriable and (not sent or self.settings.resume_streams):
             done = False
 
             async def retry() -> None:
@@ -730,11 +739,29 @@ class Worker:
         """
         aggregate = Aggregator(job.kind)
         channel = keys.reply_channel(job.gateway_id)
+        path, request, as_generate = job.kind.path, self._request(job), False
+        partial = await self._partial(job)
+        if partial is not None:
+            # Another node streamed part of this answer and died: continue it from where
+            # the client is, numbering the new chunks after the ones it has.
+            for chunk in partial.chunks:
+                aggregate.add(chunk)
+            progress.sent = partial.sent
+            ask = continuation(job.kind, request, partial)
+            path, request, as_generate = ask.path, ask.request, ask.as_generate
+            log.info("job %s continues its answer after %d chunk(s)", job.job_id, partial.sent)
         last = b""
-        async for line in self.ollama.stream_lines(job.kind.path, self._request(job)):
+        async for received in self.ollama.stream_lines(path, request):
+            line = received
             chunk = _parse_chunk(line)
             if "error" in chunk:  # Ollama reports mid-stream failures as an error line
                 raise BackendError(str(chunk["error"]), 500, retriable=False)
+            if partial is not None:
+                if as_generate:
+                    chunk = as_generate_chunk(chunk)
+                if chunk.get("done"):
+                    chunk = summed_final(chunk, partial)
+                line = orjson.dumps(chunk)
             aggregate.add(chunk)
             if aggregate.done:
                 # No break: reading to the end of the body keeps the connection for the
@@ -753,6 +780,13 @@ class Worker:
             raise BackendError("Ollama ended the stream before it was done", 502, retriable=True)
         result = orjson.dumps(aggregate.result())
         return result, last if job.stream else result
+
+    async def _partial(self, job: ClaimedJob) -> Partial | None:
+        """The chunks an earlier attempt already streamed to the client, if any."""
+        if not (self.settings.resume_streams and job.stream and job.attempt > 1):
+            return None
+        partial = read_partial(await self.redis.lrange(keys.output(job.job_id), 0, -1))
+        return partial if partial.sent else None
 
     async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
         """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss.
@@ -775,9 +809,10 @@ class Worker:
             raise RedisUnavailable(f"node {self.node_id} could not forward the answer")
 
     async def _hand_back(self, job: ClaimedJob, sent: int, reason: str = "") -> None:
-        """Give up a running job: requeue it, unless its client already has output."""
+        """Give up a running job: requeue it, unless its client already has output and the
+        next attempt could not continue it."""
         reason = reason or f"node {self.node_id} shut down"
-        if sent:
+        if sent and not self.settings.resume_streams:
             message = f"{reason} in the middle of this response"
             await self._settle(
                 job,
