@@ -137,16 +137,25 @@ def test_a_backup_waits_only_while_a_primary_has_a_free_slot() -> None:
     assert primary.delay(MODEL, loaded_here=True, peers=[_peer("spare", backup=True)]) == 0.0
 
 
-def test_a_cold_node_waits_the_load_cost_while_a_warm_node_serves_the_model() -> None:
-    cold = Placement("cold", load_cost=5.0, locality_wait=3.0)
-    warm = [_peer("warm", loaded=[{"name": MODEL}], slots_busy=1)]
-    assert cold.delay(MODEL, loaded_here=False, peers=warm) == 3.0  # capped
-    cold.note_load(MODEL, 1.5)  # measured here: cheaper than the cap
-    assert cold.delay(MODEL, loaded_here=False, peers=warm) == 1.5
-    assert cold.delay(MODEL, loaded_here=True, peers=warm) == 0.0
-    assert cold.delay(MODEL, loaded_here=False, peers=[_peer("also-cold")]) == 0.0
+def test_a_cold_node_loads_only_when_warm_nodes_would_drain_the_queue_slower() -> None:
+    cold = Placement("cold", load_cost=2.0, locality_wait=10.0)
+    # One warm node, 2 slots, 0.5 s a job: a queue of 8 drains in 2 s, the load cost.
+    warm = [_peer("warm", loaded=[{"name": MODEL}], slots_total=2, durations={MODEL: 0.5})]
+    assert cold.warm_elsewhere(MODEL, loaded_here=False, peers=warm)
+    assert cold.delay(MODEL, loaded_here=False, peers=warm, queued=8) == 10.0  # leave them
+    assert cold.delay(MODEL, loaded_here=False, peers=warm, queued=9) == 0.0  # load now
+    cold.note_load(MODEL, 8.0)  # measured here: a load is dearer than thought
+    assert cold.delay(MODEL, loaded_here=False, peers=warm, queued=9) == 10.0
+    assert cold.delay(MODEL, loaded_here=True, peers=warm, queued=1) == 0.0
+    assert not cold.warm_elsewhere(MODEL, loaded_here=False, peers=[_peer("also-cold")])
+    assert cold.delay(MODEL, loaded_here=False, peers=[_peer("also-cold")], queued=1) == 0.0
     off = Placement("cold", locality_wait=0.0)
-    assert off.delay(MODEL, loaded_here=False, peers=warm) == 0.0
+    assert off.delay(MODEL, loaded_here=False, peers=warm, queued=1) == 0.0
+    unmeasured = [_peer("warm", loaded=[{"name": MODEL}], slots_total=2)]
+    # No job time known: the load cost stands in, so the node loads once more jobs wait
+    # than the warm nodes have slots.
+    assert cold.delay(MODEL, loaded_here=False, peers=unmeasured, queued=2) == 10.0
+    assert cold.delay(MODEL, loaded_here=False, peers=unmeasured, queued=3) == 0.0
 
 
 def test_model_options_must_be_reload_options_per_model() -> None:

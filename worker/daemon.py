@@ -385,6 +385,7 @@ class Worker:
             "backup": self.settings.backup,
             "load_costs": {m: round(s, 3) for m, s in self.placement.load_costs.items()},
             "speeds": {m: round(s, 2) for m, s in self.placement.speeds.items()},
+            "durations": {m: round(s, 3) for m, s in self.placement.durations.items()},
             **(host or {}),
         }
 
@@ -495,7 +496,7 @@ class Worker:
                         defer = TAIL_POLL if defer is None else min(defer, TAIL_POLL)
                         continue
                     got, later = await self.store.claim_aged(
-                        model, self.node_id, allowed - len(jobs), self._claim_delay(model)
+                        model, self.node_id, allowed - len(jobs), await self._claim_delay(model)
                     )
                     jobs += got
                     if later is not None:
@@ -521,10 +522,13 @@ class Worker:
                 log.warning("claiming failed (%d in a row), retrying: %r", failures, exc)
                 await asyncio.sleep(self._backoff.delay(failures))  # back off from an outage
 
-    def _claim_delay(self, model: str) -> float:
+    async def _claim_delay(self, model: str) -> float:
         """Seconds a job of ``model`` must have waited before this node claims it."""
         loaded = model in self._loaded_names()
-        delay = self.placement.delay(model, loaded_here=loaded, peers=self._peers)
+        queued = 0
+        if self.placement.warm_elsewhere(model, loaded_here=loaded, peers=self._peers):
+            queued = int(await self.redis.get(keys.queued_count(model)) or 0)
+        delay = self.placement.delay(model, loaded_here=loaded, peers=self._peers, queued=queued)
         if self.breaker.recent_failures() and self._served_elsewhere(model):
             # Failing lately: let healthy nodes take jobs first, so one job is not failed
             # here attempt after attempt before the breaker opens.
@@ -619,7 +623,7 @@ class Worker:
                 else:
                     result = final = await self.ollama.post(job.kind.path, self._request(job))
             healthy = True
-            self._measure(job.model, result)
+            self._measure(job.model, result, time.monotonic() - started)
             message = protocol.encode(job.job_id, progress.sent, protocol.DONE, final)
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
@@ -682,7 +686,7 @@ class Worker:
         body["options"] = {**(options if isinstance(options, dict) else {}), **forced}
         return orjson.dumps(body)
 
-    def _measure(self, model: str, result: bytes) -> None:
+    def _measure(self, model: str, result: bytes, took: float) -> None:
         """Learn this node's load cost for ``model`` from a final answer's load_duration
         (nanoseconds; a load shows as more than a tenth of a second, a warm model less)."""
         try:
@@ -692,8 +696,10 @@ class Worker:
         if not isinstance(final, dict):
             return
         load = final.get("load_duration")
-        if isinstance(load, int | float) and load > LOADED_NS:
-            self.placement.note_load(model, load / 1e9)
+        load_s = load / 1e9 if isinstance(load, int | float) and load > LOADED_NS else 0.0
+        if load_s:
+            self.placement.note_load(model, load_s)
+        self.placement.note_duration(model, took - load_s)
         tokens, spent = final.get("eval_count"), final.get("eval_duration")
         if isinstance(tokens, int) and isinstance(spent, int | float) and tokens >= MIN_TOKENS:
             self.placement.note_speed(model, tokens, spent / 1e9)

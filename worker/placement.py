@@ -11,10 +11,12 @@ preference longer than its delay. The reasons, added up:
   model has a free slot; with every primary saturated it claims at once.
 - **Weight.** ``weight_step`` per free node of the same class (primary or backup) with
   a higher weight.
-- **Locality.** A node without the model loaded, while a live node has it loaded, waits
-  the model's load cost on this node (measured from Ollama's ``load_duration``), capped by
-  ``locality_wait``: the ski-rental rule, so a job never waits for a warm slot longer
-  than loading the model here would have taken.
+- **Locality.** A node without the model loaded, while a live node has it loaded, compares
+  the expected wait for a warm slot (the model's queue times its average job time, over
+  the warm nodes' slots) with the model's load cost on this node (measured from Ollama's
+  ``load_duration``). If the warm nodes will drain the queue sooner, it leaves the jobs to
+  them, claiming only jobs that waited ``locality_wait`` (the safety valve should the warm
+  nodes stall); otherwise it claims at once and loads the model.
 
 **Tail-aware claims** are a gate rather than a delay: each node measures its speed per
 model (``eval_count / eval_duration`` of its answers). A node with faster peers for a
@@ -57,6 +59,16 @@ class Placement:
     """Measured seconds to load each model here (the last ``load_duration`` seen)."""
     speeds: dict[str, float] = field(default_factory=dict)
     """Measured generation speed per model here, tokens/s (a moving average)."""
+    durations: dict[str, float] = field(default_factory=dict)
+    """Measured seconds per job per model here, load excluded (a moving average)."""
+
+    def note_duration(self, model: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        last = self.durations.get(model)
+        self.durations[model] = (
+            seconds if last is None else last + SPEED_SMOOTHING * (seconds - last)
+        )
 
     def note_speed(self, model: str, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
@@ -86,10 +98,27 @@ class Placement:
     def note_load(self, model: str, seconds: float) -> None:
         self.load_costs[model] = seconds
 
-    def delay(self, model: str, *, loaded_here: bool, peers: Iterable[dict[str, Any]]) -> float:
-        """Seconds a job of ``model`` must have waited before this node claims it."""
+    def warm_elsewhere(
+        self, model: str, *, loaded_here: bool, peers: Iterable[dict[str, Any]]
+    ) -> bool:
+        """Whether locality matters: the model is not loaded here but on a live peer."""
+        if loaded_here or self.locality_wait <= 0:
+            return False
+        return any(_warm(peer, model, self.node_id) for peer in peers)
+
+    def delay(
+        self,
+        model: str,
+        *,
+        loaded_here: bool,
+        peers: Iterable[dict[str, Any]],
+        queued: int = 0,
+    ) -> float:
+        """Seconds a job of ``model`` must have waited before this node claims it;
+        ``queued``: the model's jobs waiting (read when ``warm_elsewhere``)."""
         delay = 0.0
-        warm_elsewhere = False
+        warm_slots = 0
+        warm_times: list[float] = []
         higher = 0
         free_primary = False
         for peer in peers:
@@ -97,8 +126,11 @@ class Placement:
                 continue
             if model not in _names(peer.get("models")):
                 continue
-            if not loaded_here and model in _names(peer.get("loaded")):
-                warm_elsewhere = True
+            if not loaded_here and _warm(peer, model, self.node_id):
+                warm_slots += int(peer.get("slots_total") or 0)
+                took = (peer.get("durations") or {}).get(model)
+                if isinstance(took, int | float) and took > 0:
+                    warm_times.append(float(took))
             free = int(peer.get("slots_busy") or 0) < int(peer.get("slots_total") or 0)
             if not free:
                 continue
@@ -110,9 +142,21 @@ class Placement:
         if self.backup and free_primary:
             delay += self.spill_after
         delay += higher * self.weight_step
-        if warm_elsewhere and self.locality_wait > 0:
-            delay = max(delay, min(self.load_costs.get(model, self.load_cost), self.locality_wait))
+        if warm_slots and self.locality_wait > 0:
+            cost = self.load_costs.get(model, self.load_cost)
+            took = sum(warm_times) / len(warm_times) if warm_times else cost
+            if queued * took / warm_slots <= cost:
+                delay = max(delay, self.locality_wait)
         return delay
+
+
+def _warm(peer: dict[str, Any], model: str, me: str) -> bool:
+    return (
+        peer.get("node_id") != me
+        and peer.get("state") == "running"
+        and model in _names(peer.get("loaded"))
+        and model in _names(peer.get("models"))
+    )
 
 
 def _names(entries: Any) -> set[str]:
