@@ -158,6 +158,21 @@ def test_a_cold_node_loads_only_when_warm_nodes_would_drain_the_queue_slower() -
     assert cold.delay(MODEL, loaded_here=False, peers=unmeasured, queued=3) == 0.0
 
 
+def test_a_node_alone_holding_a_model_leaves_loads_to_others() -> None:
+    node = Placement("me", load_cost=2.0, locality_wait=10.0)
+    warm = [_peer("warm", loaded=[{"name": MODEL}], slots_total=1, durations={MODEL: 1.0})]
+    # A long queue would make it load, but it alone has the other model loaded.
+    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=50) == 0.0
+    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=50, holding=["b:latest"]) == 10.0
+    shared = [*warm, _peer("twin", models=[{"name": "b:latest"}], loaded=[{"name": "b:latest"}])]
+    assert (
+        node.delay(MODEL, loaded_here=False, peers=shared, queued=50, holding=["b:latest"]) == 0.0
+    )
+    # Warm nowhere: someone must load it; a sole holder lets the others go first.
+    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5, holding=["b:latest"]) == 2.0
+    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5) == 0.0
+
+
 def test_model_options_must_be_reload_options_per_model() -> None:
     ok = WorkerSettings.build(model_options='{"llama3": {"num_ctx": 8192}}')
     assert ok.forced_options() == {"llama3": {"num_ctx": 8192}}

@@ -528,7 +528,13 @@ class Worker:
         queued = 0
         if self.placement.warm_elsewhere(model, loaded_here=loaded, peers=self._peers):
             queued = int(await self.redis.get(keys.queued_count(model)) or 0)
-        delay = self.placement.delay(model, loaded_here=loaded, peers=self._peers, queued=queued)
+        delay = self.placement.delay(
+            model,
+            loaded_here=loaded,
+            peers=self._peers,
+            queued=queued,
+            holding=self._loaded_names(),
+        )
         if self.breaker.recent_failures() and self._served_elsewhere(model):
             # Failing lately: let healthy nodes take jobs first, so one job is not failed
             # here attempt after attempt before the breaker opens.

@@ -16,7 +16,10 @@ preference longer than its delay. The reasons, added up:
   the warm nodes' slots) with the model's load cost on this node (measured from Ollama's
   ``load_duration``). If the warm nodes will drain the queue sooner, it leaves the jobs to
   them, claiming only jobs that waited ``locality_wait`` (the safety valve should the warm
-  nodes stall); otherwise it claims at once and loads the model.
+  nodes stall); otherwise it claims at once and loads the model. A node that alone has
+  some other model loaded (loading may evict it) leaves the load to others: it waits
+  ``locality_wait`` while the model is warm elsewhere, and the load cost while it is
+  warm nowhere.
 
 **Tail-aware claims** are a gate rather than a delay: each node measures its speed per
 model (``eval_count / eval_duration`` of its answers). A node with faster peers for a
@@ -113,9 +116,12 @@ class Placement:
         loaded_here: bool,
         peers: Iterable[dict[str, Any]],
         queued: int = 0,
+        holding: Iterable[str] = (),
     ) -> float:
         """Seconds a job of ``model`` must have waited before this node claims it;
-        ``queued``: the model's jobs waiting (read when ``warm_elsewhere``)."""
+        ``queued``: the model's jobs waiting (read when ``warm_elsewhere``); ``holding``:
+        the models loaded here."""
+        peers = list(peers)
         delay = 0.0
         warm_slots = 0
         warm_times: list[float] = []
@@ -142,11 +148,21 @@ class Placement:
         if self.backup and free_primary:
             delay += self.spill_after
         delay += higher * self.weight_step
-        if warm_slots and self.locality_wait > 0:
-            cost = self.load_costs.get(model, self.load_cost)
+        if loaded_here or self.locality_wait <= 0:
+            return delay
+        cost = self.load_costs.get(model, self.load_cost)
+        # Loading may evict a model this node alone has loaded: its next jobs would pay a
+        # load too, so such a node loads another model last.
+        sole = any(
+            held != model and not any(_warm(peer, held, self.node_id) for peer in peers)
+            for held in holding
+        )
+        if warm_slots:
             took = sum(warm_times) / len(warm_times) if warm_times else cost
-            if queued * took / warm_slots <= cost:
+            if sole or queued * took / warm_slots <= cost:
                 delay = max(delay, self.locality_wait)
+        elif sole:
+            delay = max(delay, min(self.locality_wait, cost))
         return delay
 
 
