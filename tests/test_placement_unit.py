@@ -204,6 +204,18 @@ def test_a_slow_node_leaves_a_short_backlog_to_faster_nodes() -> None:
     assert slow.tail_threshold(MODEL, dead) == 0.0, "only running nodes are waited for"
 
 
+def test_patience_with_faster_nodes_is_twice_their_longest_job() -> None:
+    node = Placement("slow")
+    assert node.tail_patience(MODEL, []) == 1.0
+    node.note_speed(MODEL, 10, 1.0)
+    peers = [
+        _peer("a", durations={MODEL: 3.0}, speeds={MODEL: 20.0}),
+        _peer("b", durations={MODEL: 0.2}, speeds={MODEL: 40.0}),
+        _peer("slower", durations={MODEL: 9.0}, speeds={MODEL: 5.0}),
+    ]
+    assert node.tail_patience(MODEL, peers) == 6.0
+
+
 def test_speed_is_a_moving_average_and_ignores_empty_measurements() -> None:
     node = Placement("n")
     node.note_speed(MODEL, 100, 1.0)

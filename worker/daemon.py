@@ -146,6 +146,9 @@ class Worker:
             load_cost=settings.load_cost,
         )
         self.embedder = EmbedBatcher(self.ollama.post, window=settings.embed_batch_window)
+        self._tail_watch: dict[str, tuple[int, float]] = {}
+        """Per model, the queue length last seen while leaving it to faster nodes, and
+        since when it has not changed."""
         self._peers: list[fleet.NodeRecord] = []
         """The live nodes' heartbeats, as last read (placement defers to better ones)."""
         self._forced = {
@@ -549,7 +552,17 @@ class Worker:
         if threshold <= 0:
             return False
         queued = int(await self.redis.get(keys.queued_count(model)) or 0)
-        return queued <= threshold
+        if queued > threshold or queued == 0:
+            self._tail_watch.pop(model, None)
+            return False
+        # Safety valve: faster nodes that take none of the backlog for a while (hung, or
+        # busy with long jobs) are not waited for.
+        now = time.monotonic()
+        seen, since = self._tail_watch.get(model, (queued, now))
+        if queued != seen:
+            since = now
+        self._tail_watch[model] = (queued, since)
+        return now - since < self.placement.tail_patience(model, self._peers)
 
     def _served_elsewhere(self, model: str) -> bool:
         return any(

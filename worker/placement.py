@@ -28,7 +28,8 @@ finish the last queued job sooner even after waiting for a slot: the faster node
 queued jobs at a rate proportional to ``sum(slots * speed)`` over them, so with ``Q`` jobs
 queued this node claims only while ``Q > sum(slots_f * speed_f) * (1/speed - 1/fastest)``
 (the job length cancels out). Once the backlog is that short the slow node idles, and
-the tail of a batch runs on the fast nodes.
+the tail of a batch runs on the fast nodes; should the backlog not move for twice the
+longest job time the faster nodes report (at least a second), it claims anyway.
 
 Peers are read from the node registry (their heartbeats); a peer counts only while it
 heartbeats, its state is ``running`` (breaker closed) and it serves the model.
@@ -44,6 +45,8 @@ from corral.names import normalize_model
 
 SPEED_SMOOTHING = 0.3
 """Weight of the newest measurement in the moving average of a node's speed."""
+MIN_PATIENCE = 1.0
+"""Least seconds a slow node waits on faster nodes that take none of a short backlog."""
 FASTER = 1.1
 """A peer counts as faster only above this ratio: measurement noise must not make
 equal nodes defer to each other."""
@@ -97,6 +100,20 @@ class Placement:
             capacity += int(peer.get("slots_total") or 0) * speed
             fastest = max(fastest, speed)
         return capacity * (1 / mine - 1 / fastest)
+
+    def tail_patience(self, model: str, peers: Iterable[dict[str, Any]]) -> float:
+        """Seconds a short backlog left to faster nodes may go without one of its jobs
+        taken before this node takes them anyway: twice the longest job time the faster
+        nodes report, at least ``MIN_PATIENCE``."""
+        mine = self.speeds.get(model, 0.0)
+        times = [
+            float(took)
+            for peer in peers
+            if peer.get("node_id") != self.node_id and peer.get("state") == "running"
+            if float((peer.get("speeds") or {}).get(model) or 0) > mine * FASTER
+            if isinstance(took := (peer.get("durations") or {}).get(model), int | float)
+        ]
+        return max(MIN_PATIENCE, 2 * max(times, default=0.0))
 
     def note_load(self, model: str, seconds: float) -> None:
         self.load_costs[model] = seconds
