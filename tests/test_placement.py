@@ -303,3 +303,37 @@ async def test_embed_jobs_claimed_together_go_to_ollama_as_one_call(
             alone = (await direct.post("/api/embed", json=body)).json()
             assert result["embeddings"] == alone["embeddings"]
             assert result["model"] == model
+
+
+# -- tail-aware claims ----------------------------------------------------------------------
+
+
+async def test_a_slow_node_takes_a_short_backlog_that_a_hung_faster_node_leaves(
+    start_cluster: StartCluster,
+) -> None:
+    fast_config = FakeOllamaConfig(num_parallel=1, token_rate=400, preloaded=[MODEL])
+    cluster = await start_cluster([fast_config])
+    slow = await cluster.add_node(
+        FakeOllamaConfig(num_parallel=1, token_rate=40, preloaded=[MODEL])
+    )
+    fast = cluster.nodes[0]
+    words = "a b c d e f g h i j"
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        # Both nodes measure their speed on a first batch.
+        await asyncio.gather(
+            *(client.generate(model="llama3", prompt=f"{i} {words}") for i in range(8))
+        )
+
+        async def knows_fast_is_faster() -> bool:
+            return slow.worker.placement.tail_threshold(MODEL, slow.worker._peers) > 0
+
+        await until(knows_fast_is_faster, True, within=20)
+        fast.fake.fake.configure(hang=True)
+        before = _requests(fast)
+        first = asyncio.create_task(client.generate(model="llama3", prompt="held"))
+        await fast.fake.fake.wait_until(lambda s: s["requests"]["/api/generate"] > before)
+        # The fast node holds its only slot forever; the slow node leaves it this one-job
+        # backlog at first, then takes it when the backlog does not move.
+        reply = await asyncio.wait_for(client.generate(model="llama3", prompt="next"), 30)
+        assert reply.response == "echo: next"
+        first.cancel()

@@ -97,6 +97,7 @@ def test_threshold_zero_never_opens() -> None:
     for job in "abcdefgh":
         breaker.failed(job)
     assert breaker.state is BreakerState.CLOSED
+    assert breaker.recent_failures() == 0  # off: no node counts as failing lately either
 
 
 def _peer(node_id: str, **fields: Any) -> dict[str, Any]:

@@ -96,7 +96,9 @@ class Breaker:
             self._open(now)
 
     def recent_failures(self) -> int:
-        """Failures within the window, while closed."""
+        """Failures within the window, while closed (always 0 while the breaker is off)."""
+        if not self.enabled:
+            return 0
         cutoff = self.clock() - self.window
         while self._failures and self._failures[0] < cutoff:
             self._failures.popleft()

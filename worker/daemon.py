@@ -79,6 +79,8 @@ class Progress:
     """How far a job's answer got to its client."""
 
     sent: int = 0
+    resumed: bool = False
+    """Whether this attempt continues an answer another attempt began."""
 
 
 class Worker:
@@ -642,7 +644,8 @@ class Worker:
                 else:
                     result = final = await self.ollama.post(job.kind.path, self._request(job))
             healthy = True
-            self._measure(job.model, result, time.monotonic() - started)
+            if not progress.resumed:  # a continuation's counts include the first attempt's
+                self._measure(job.model, result, time.monotonic() - started)
             message = protocol.encode(job.job_id, progress.sent, protocol.DONE, final)
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
@@ -771,7 +774,7 @@ class Worker:
             # the client is, numbering the new chunks after the ones it has.
             for chunk in partial.chunks:
                 aggregate.add(chunk)
-            progress.sent = partial.sent
+            progress.sent, progress.resumed = partial.sent, True
             ask = continuation(job.kind, request, partial)
             path, request, as_generate = ask.path, ask.request, ask.as_generate
             log.info("job %s continues its answer after %d chunk(s)", job.job_id, partial.sent)
