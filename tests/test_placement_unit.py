@@ -166,6 +166,11 @@ def test_a_node_alone_holding_a_model_leaves_loads_to_others() -> None:
     assert node.delay(MODEL, loaded_here=False, peers=warm, queued=50) == 0.0
     assert node.delay(MODEL, loaded_here=False, peers=warm, queued=50, holding=["b:latest"]) == 10.0
     shared = [*warm, _peer("twin", models=[{"name": "b:latest"}], loaded=[{"name": "b:latest"}])]
+    # Not alone with b:latest, but a load may evict it: the load counts twice (2 x 2 s).
+    assert (
+        node.delay(MODEL, loaded_here=False, peers=shared, queued=4, holding=["b:latest"]) == 10.0
+    )
+    assert node.delay(MODEL, loaded_here=False, peers=shared, queued=5, holding=["b:latest"]) == 0.0
     assert (
         node.delay(MODEL, loaded_here=False, peers=shared, queued=50, holding=["b:latest"]) == 0.0
     )

@@ -16,7 +16,9 @@ preference longer than its delay. The reasons, added up:
   the warm nodes' slots) with the model's load cost on this node (measured from Ollama's
   ``load_duration``). If the warm nodes will drain the queue sooner, it leaves the jobs to
   them, claiming only jobs that waited ``locality_wait`` (the safety valve should the warm
-  nodes stall); otherwise it claims at once and loads the model. A node that alone has
+  nodes stall); otherwise it claims at once and loads the model. A node that has another
+  model loaded counts the load twice (it may evict that model, whose next job then needs
+  a load too). A node that alone has
   some other model loaded (loading may evict it) leaves the load to others: it waits
   ``locality_wait`` while the model is warm elsewhere, and the load cost while it is
   warm nowhere.
@@ -176,6 +178,10 @@ class Placement:
         )
         if warm_slots:
             took = sum(warm_times) / len(warm_times) if warm_times else cost
+            # A load that evicts another model is likely paid twice: that model's next
+            # job needs a load too.
+            if any(held != model for held in holding):
+                cost *= 2
             if sole or queued * took / warm_slots <= cost:
                 delay = max(delay, self.locality_wait)
         elif sole:
