@@ -226,7 +226,7 @@ async def test_a_cold_node_leaves_short_jobs_to_the_node_with_the_model_loaded(
     assert cold.fake.fake.stats()["loads"] == 0
 
 
-async def test_a_cold_node_loads_the_model_once_jobs_waited_its_load_cost(
+async def test_a_cold_node_loads_the_model_when_the_warm_backlog_outlasts_a_load(
     start_cluster: StartCluster,
 ) -> None:
     warm_config = FakeOllamaConfig(num_parallel=1, preloaded=[MODEL], token_rate=20)
@@ -237,7 +237,7 @@ async def test_a_cold_node_loads_the_model_once_jobs_waited_its_load_cost(
         await asyncio.gather(
             *(client.generate(model="llama3", prompt=f"slow {i} a b c d e") for i in range(6))
         )
-    # Each job takes the warm node ~0.4 s: a backlog outlives the 0.3 s load cost.
+    # Each job takes the warm node ~0.4 s: its backlog outlasts the 0.3 s load cost.
     assert _completed(cold) >= 1
     assert cold.fake.fake.stats()["loads"] == 1
     record = cold.worker.record()

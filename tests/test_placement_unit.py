@@ -153,10 +153,12 @@ def test_a_cold_node_loads_only_when_warm_nodes_would_drain_the_queue_slower() -
     off = Placement("cold", locality_wait=0.0)
     assert off.delay(MODEL, loaded_here=False, peers=warm, queued=1) == 0.0
     unmeasured = [_peer("warm", loaded=[{"name": MODEL}], slots_total=2)]
-    # No job time known: the load cost stands in, so the node loads once more jobs wait
-    # than the warm nodes have slots.
-    assert cold.delay(MODEL, loaded_here=False, peers=unmeasured, queued=2) == 10.0
-    assert cold.delay(MODEL, loaded_here=False, peers=unmeasured, queued=3) == 0.0
+    # No job time known anywhere (a fleet just started): wait rather than load on a guess.
+    assert cold.delay(MODEL, loaded_here=False, peers=unmeasured, queued=100) == 10.0
+    # Another model's job time is the best guess there is: 8 s load, 1 s jobs, 2 slots.
+    other = [*unmeasured, _peer("x", durations={"qwen2:0.5b": 1.0})]
+    assert cold.delay(MODEL, loaded_here=False, peers=other, queued=16) == 10.0
+    assert cold.delay(MODEL, loaded_here=False, peers=other, queued=17) == 0.0
 
 
 def test_a_node_alone_holding_a_model_leaves_loads_to_others() -> None:

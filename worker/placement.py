@@ -177,16 +177,35 @@ class Placement:
             for held in holding
         )
         if warm_slots:
-            took = sum(warm_times) / len(warm_times) if warm_times else cost
+            took = _job_time(warm_times, peers, self.durations, model)
             # A load that evicts another model is likely paid twice: that model's next
             # job needs a load too.
             if any(held != model for held in holding):
                 cost *= 2
-            if sole or queued * took / warm_slots <= cost:
+            if sole or took is None or queued * took / warm_slots <= cost:
                 delay = max(delay, self.locality_wait)
         elif sole:
             delay = max(delay, min(self.locality_wait, cost))
         return delay
+
+
+def _job_time(
+    warm: list[float], peers: list[dict[str, Any]], mine: dict[str, float], model: str
+) -> float | None:
+    """Seconds a job of ``model`` takes: as the warm nodes measured it, else as this node
+    did, else the mean of every job time any node reports; None when nothing is known
+    (a fleet just started: better wait than load on a guess)."""
+    if warm:
+        return sum(warm) / len(warm)
+    if model in mine:
+        return mine[model]
+    known = [
+        float(took)
+        for peer in peers
+        for took in (peer.get("durations") or {}).values()
+        if isinstance(took, int | float) and took > 0
+    ] + list(mine.values())
+    return sum(known) / len(known) if known else None
 
 
 def _warm(peer: dict[str, Any], model: str, me: str) -> bool:
