@@ -13,11 +13,13 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from corral import protocol
+from corral import keys, protocol
+from corral.jobs import ClaimedJob
 from corral.keys import JobKind
 from corral.tooling.cluster import LocalCluster, LocalNode
 from corral.tooling.fake_ollama import FakeOllamaConfig
 from corral.worker.resume import Partial, continuation, read_partial
+from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 PROMPT = "one two three four five six seven eight"
@@ -128,3 +130,39 @@ def test_a_generate_is_continued_as_the_equivalent_chat() -> None:
     assert body["options"] == {"num_predict": 3, "num_ctx": 8}
     raw = continuation(JobKind.GENERATE, b'{"model":"m","prompt":"p","raw":true}', partial)
     assert orjson.loads(raw.request)["prompt"] == "pecho: one " and not raw.as_generate
+
+
+async def test_a_chunk_goes_out_only_with_its_record_while_redis_refuses_writes(
+    cluster: LocalCluster, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under OOM a bare pipeline would publish the chunk while its list entry and the
+    # job's "streamed" mark are refused: the client would hold output that no re-run or
+    # continuation knows of.
+    worker = cluster.nodes[0].worker
+    job = ClaimedJob(
+        job_id="oomjob", kind=JobKind.GENERATE, model="llama3:latest", priority=5,
+        entry_id="0-1", request=b"{}", stream=True, gateway_id="gw-oom", attempt=1,
+    )  # fmt: skip
+    channel = keys.reply_channel("gw-oom")
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channel)
+    await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+    message = protocol.encode("oomjob", 0, protocol.CHUNK, b'{"response":"a"}')
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", "1")
+    try:
+        sending = asyncio.create_task(worker._forward(job, channel, message, first=True))
+
+        async def refused_twice() -> bool:
+            return any("oomjob failed (try 2)" in r.getMessage() for r in caplog.records)
+
+        await until(refused_twice, True, within=20)
+        assert await pubsub.get_message(timeout=0.2) is None, "published without its record"
+    finally:
+        await redis.config_set("maxmemory", "0")
+    await asyncio.wait_for(sending, 20)
+    got = await pubsub.get_message(timeout=5.0)
+    assert got is not None and got["data"] == message
+    assert await redis.lrange(keys.output("oomjob"), 0, -1) == [message]
+    assert await redis.hget(keys.job("oomjob"), "streamed") == b"1"
+    await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -119,6 +119,7 @@ async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> N
     tool = req.first_tool_name(body)
     plan = _plan(prompt, opts, req.wants_json(body), req.think_flag(body), tool)
     unfinished = req.unfinished_answer(chat)
+    rest = None
     if unfinished:
         # As Ollama does with a last assistant message: continue it, not answer anew.
         rest = continued_tokens(prompt, unfinished, opts.num_predict, req.wants_json(body))
@@ -133,7 +134,8 @@ async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> N
             final, stream = _status_reply("chat", name, "load"), False
         else:
             words = sum(word_count(str(m.get("content") or "")) for m in chat)
-            with fake.generating("/api/chat", meta.name, prompt, ex) as run:
+            continuing = rest is not None
+            with fake.generating("/api/chat", meta.name, prompt, ex, continued=continuing) as run:
                 reply = _Reply(
                     "chat",
                     name,

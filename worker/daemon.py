@@ -821,11 +821,14 @@ class Worker:
 
         A Redis that refuses writes for a moment (``OOM`` at ``maxmemory``) or stalls pauses
         the stream rather than failing it: the chunk is sent again until it goes through
-        (a copy sent twice is dropped by its sequence number)."""
+        (a copy sent twice is dropped by its sequence number). All or nothing (MULTI): under
+        ``OOM`` a bare pipeline would still publish a chunk whose list entry and
+        ``streamed`` mark were refused, and a client would hold output that no re-run or
+        continuation knows of."""
         out = keys.output(job.job_id)
 
         async def send() -> None:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 if first:  # from now on a re-run would repeat output the client has seen
                     pipe.hset(keys.job(job.job_id), "streamed", 1)
                     pipe.expire(out, self.settings.job_ttl)
