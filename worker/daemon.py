@@ -821,14 +821,17 @@ class Worker:
 
         A Redis that refuses writes for a moment (``OOM`` at ``maxmemory``) or stalls pauses
         the stream rather than failing it: the chunk is sent again until it goes through
-        (a copy sent twice is dropped by its sequence number). All or nothing (MULTI): under
-        ``OOM`` a bare pipeline would still publish a chunk whose list entry and
-        ``streamed`` mark were refused, and a client would hold output that no re-run or
-        continuation knows of."""
+        (a copy sent twice is dropped by its sequence number). The first chunk goes all or
+        nothing (MULTI): under ``OOM`` a bare pipeline would still publish it while its
+        ``streamed`` mark was refused, and the job would be re-run from the start although
+        its client has output. Later chunks skip MULTI (it cut the instant-token relay rate
+        by about a third here): under ``OOM`` one may reach the client without its list
+        entry, and a continuation after a node's death in that same moment would then
+        start one chunk early, a chunk the gateway drops by its sequence number."""
         out = keys.output(job.job_id)
 
         async def send() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=first) as pipe:
                 if first:  # from now on a re-run would repeat output the client has seen
                     pipe.hset(keys.job(job.job_id), "streamed", 1)
                     pipe.expire(out, self.settings.job_ttl)
