@@ -43,6 +43,7 @@ BENCHMARKS = {
     "streaming": ("bench_streaming.py", 240, 420),
     "overload": ("bench_overload.py", 240, 420),
     "cache": ("bench_cache.py", 240, 600),
+    "placement": ("bench_placement.py", 300, 600),
 }
 """name -> (script, smoke timeout s, full timeout s)"""
 

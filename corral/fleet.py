@@ -21,7 +21,13 @@ from corral.scripts import Heartbeat, Touch, argv, source
 NodeRecord = dict[str, Any]
 """Heartbeat fields: ``node_id``, ``hosts``, ``ollama_url``, ``state`` (running or
 draining), ``models`` (``/api/tags`` entries), ``loaded`` (``/api/ps`` entries),
-``slots_total``, ``slots_busy``, ``cpu_percent``, ``mem``, ``gpus``, ``started_at``, ``ts``."""
+``slots_total``, ``slots_busy``, ``cpu_percent``, ``mem``, ``gpus``, ``started_at``, ``ts``;
+placement: ``breaker`` (state and counts), ``weight``, ``backup``, ``load_costs``."""
+
+
+SERVING_STATES = frozenset({"running", "breaker-open", "breaker-half-open"})
+"""States of a node that serves its models: a node whose circuit breaker is open will
+serve them again after its cool-down, so its models stay routable (their jobs queue)."""
 
 
 async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> float:
@@ -67,7 +73,7 @@ class Fleet:
         """Each model served by a running node, with one node's ``/api/tags`` entry for it."""
         union: dict[str, NodeRecord] = {}
         for node in self.nodes:
-            if node.get("state") != "running":
+            if node.get("state") not in SERVING_STATES:
                 continue
             for entry in node.get("models", []):
                 union.setdefault(str(entry.get("name") or entry.get("model")), entry)

@@ -126,8 +126,12 @@ class JobStore:
         result_ttl: int,
         gateway_ttl: float = 30.0,
         clock: Callable[[], float] = time.time,
+        resume_streams: bool = False,
     ) -> None:
         self.redis = redis
+        self.resume_streams = resume_streams
+        """Whether a job that already streamed part of its answer is put back (to be
+        continued by the next node) rather than failed."""
         self.clock = clock
         """This process's clock: only for the informational times of history lines. Every
         comparison across hosts happens inside the scripts, on Redis's clock."""
@@ -187,6 +191,17 @@ class JobStore:
     async def claim_many(self, model: str, consumer: str, limit: int) -> list[ClaimedJob]:
         """Claim up to ``limit`` runnable jobs of ``model`` in one round trip, most urgent
         first; an empty list when none waits."""
+        jobs, _ = await self.claim_aged(model, consumer, limit)
+        return jobs
+
+    async def claim_aged(
+        self, model: str, consumer: str, limit: int, min_age: float = 0.0
+    ) -> tuple[list[ClaimedJob], float | None]:
+        """As ``claim_many``, taking only jobs that have waited ``min_age`` seconds.
+
+        Also returns, when a younger job was left, the seconds until it will have waited
+        that long (None otherwise).
+        """
         reply = await self.scripts.claim(
             keys=[
                 *keys.streams(model),
@@ -198,9 +213,13 @@ class JobStore:
                 # timeout, and the script then answers with the jobs it took the first time.
                 keys.claim_receipt(model, uuid.uuid4().hex),
             ],
-            args=argv(self.claim_args(consumer, limit)),
+            args=argv(self.claim_args(consumer, limit, min_age)),
         )
-        return [
+        rows = list(reply or ())
+        defer: float | None = None
+        if rows and rows[-1] and rows[-1][0] == b"defer":
+            defer = int(rows.pop()[1]) / 1000
+        jobs = [
             ClaimedJob(
                 job_id=job_id.decode(),
                 kind=JobKind(kind.decode()),
@@ -214,12 +233,11 @@ class JobStore:
                 run_timeout=float(run_timeout or 0),
                 waited=float(rest[0]) if rest else 0.0,
             )
-            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout, *rest in (
-                reply or ()
-            )
+            for prio, entry, job_id, kind, request, stream, gw, attempt, run_timeout, *rest in rows
         ]
+        return jobs, defer
 
-    def claim_args(self, consumer: str, want: int) -> Claim:
+    def claim_args(self, consumer: str, want: int, min_age: float = 0.0) -> Claim:
         """The claim script's named arguments."""
         return Claim(
             group=keys.GROUP,
@@ -232,6 +250,7 @@ class JobStore:
             gateway_ttl=self.gateway_ttl,
             expired=_EXPIRED_IN_QUEUE,
             orphaned=_ORPHANED_IN_QUEUE,
+            min_age=min_age,
         )
 
     async def finish(
@@ -278,9 +297,9 @@ class JobStore:
         """Put a job a node holds back in its queue at once (attempts stay counted).
 
         Returns 1 when requeued, 2 when failed instead (its client already had part of a
-        streamed answer), 3 when sent to the retry inbox to be dead-lettered (it used its
-        attempts: the record's own limit, or ``max_attempts`` for a record without one),
-        0 when the job was no longer held by ``consumer``.
+        streamed answer and ``resume_streams`` is off), 3 when sent to the retry inbox to
+        be dead-lettered (it used its attempts: the record's own limit, or ``max_attempts``
+        for a record without one), 0 when the job was no longer held by ``consumer``.
         """
         streamed = f"{reason} after part of the answer was streamed"
         named = Requeue(
@@ -297,6 +316,7 @@ class JobStore:
             job_ttl=self.job_ttl,
             result_ttl=self.result_ttl,
             reply_prefix=keys.reply_channel(""),
+            resume=self.resume_streams,
         )
         done = await self.scripts.requeue(
             keys=[

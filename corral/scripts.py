@@ -119,6 +119,9 @@ class Claim:
     """For a job whose deadline passed while it waited."""
     orphaned: Ending
     """For a job whose client waits on a gateway that is gone."""
+    min_age: float = 0.0
+    """Claim only entries that have waited this many seconds (a node deferring to better
+    placed nodes); 0 claims any."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -179,6 +182,8 @@ class Requeue:
     job_ttl: int
     result_ttl: int
     reply_prefix: str
+    resume: bool = False
+    """Put a job that already streamed back too: the next node continues its answer."""
 
 
 @dataclass(slots=True, frozen=True)

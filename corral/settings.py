@@ -8,6 +8,7 @@ the secrets in ``NO_FLAG``. Flags win over the environment, which wins over the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import uuid
@@ -51,6 +52,11 @@ class CommonSettings(BaseSettings):
     )
     redis_pool_size: int = Field(
         48, ge=2, description="Redis connections per process (a blocking pool)"
+    )
+    resume_streams: bool = Field(
+        True,
+        description="when a node dies (or its Ollama fails) in the middle of a streamed "
+        "answer, another node continues it from where the client is (worker and scheduler)",
     )
     max_attempts: int = Field(
         3,
@@ -376,6 +382,78 @@ class WorkerSettings(CommonSettings):
         description="testing only: seconds added to this worker's own clock, to show that "
         "no decision compares it with another host's",
     )
+    breaker_failures: int = Field(
+        3,
+        ge=0,
+        description="backend failures within breaker_window that open the node's circuit "
+        "breaker (it stops claiming); 0 turns the breaker off",
+    )
+    breaker_window: float = Field(
+        30.0, gt=0, description="seconds over which backend failures are counted"
+    )
+    breaker_cooldown: float = Field(
+        15.0,
+        gt=0,
+        description="seconds an open breaker waits before it goes half-open and claims one "
+        "probe job (success closes it, failure opens it again)",
+    )
+    weight: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="claim preference: while a node of higher weight with a free slot serves "
+        "the model, this node claims only jobs that have waited weight_step seconds per "
+        "such node",
+    )
+    backup: bool = Field(
+        False,
+        description="a backup node claims a model's jobs only while no primary node serving "
+        "it has a free slot, or once a job has waited spill_after seconds",
+    )
+    weight_step: float = Field(
+        0.05, ge=0, description="seconds of claim delay per free node of higher weight"
+    )
+    spill_after: float = Field(
+        2.0,
+        ge=0,
+        description="seconds a job waits before a backup node takes it although a primary "
+        "has a free slot",
+    )
+    locality_wait: float = Field(
+        10.0,
+        ge=0,
+        description="longest a node without the model loaded leaves a job to nodes that have "
+        "it loaded: it claims once the job waited the model's load cost, capped by this; "
+        "0 turns model locality off",
+    )
+    load_cost: float = Field(
+        5.0,
+        ge=0,
+        description="seconds a model load is assumed to take on this node until Ollama's "
+        "load_duration has been measured for it",
+    )
+    tail_aware: bool = Field(
+        True,
+        description="leave a short backlog of a model to nodes measured faster at it, when "
+        "they would finish it sooner even after waiting for a slot",
+    )
+    embed_batching: bool = Field(
+        True,
+        description="send embed jobs for one model that run together as one /api/embed "
+        "call with a list input, split back per job",
+    )
+    embed_batch_window: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="seconds an embed job waits for others to join its batch (0: only jobs "
+        "claimed together share a call)",
+    )
+    model_options: str = Field(
+        "",
+        description='JSON object of runner options forced per model, e.g. {"llama3:latest": '
+        '{"num_ctx": 8192}}: requests that differ only there no longer make Ollama reload it',
+    )
 
     def resolved_node_id(self) -> str:
         return self.node_id or socket.gethostname()
@@ -385,6 +463,41 @@ class WorkerSettings(CommonSettings):
 
     def model_filter(self) -> set[str]:
         return {m.strip() for m in self.models.split(",") if m.strip()}
+
+    @field_validator("model_options")
+    @classmethod
+    def _options_object(cls, value: str) -> str:
+        parse_model_options(value)
+        return value
+
+    def forced_options(self) -> dict[str, dict[str, Any]]:
+        return parse_model_options(self.model_options)
+
+
+RELOAD_OPTIONS = frozenset(
+    {"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread"}
+)
+"""Runner options that make Ollama reload a loaded model when a request differs there."""
+
+
+def parse_model_options(spec: str) -> dict[str, dict[str, Any]]:
+    """``model_options``: model name to the runner options forced on its requests."""
+    if not spec.strip():
+        return {}
+    try:
+        parsed = json.loads(spec)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+        raise ValueError("must be a JSON object of model name to an object of options")
+    for model, options in parsed.items():
+        unknown = sorted(set(options) - RELOAD_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"{model}: {', '.join(unknown)} not a runner option that forces a reload "
+                f"({', '.join(sorted(RELOAD_OPTIONS))})"
+            )
+    return parsed
 
 
 class SchedulerSettings(CommonSettings):

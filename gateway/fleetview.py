@@ -92,7 +92,7 @@ class FleetView:
             self.current = current
             self._read_at = now = time.monotonic()
             for node in current.nodes:
-                if node.get("state") == "running":
+                if node.get("state") in fleet.SERVING_STATES:
                     served = frozenset(str(m.get("name")) for m in node.get("models", []))
                     self._seen[str(node["node_id"])] = (served, now)
             for gone in set(self._seen) - current.registered:

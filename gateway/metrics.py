@@ -37,7 +37,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 Sample = tuple[Sequence[object], float]
 """Label values, in the order of the family's label names, and the value."""
 
-LIVE_STATES = frozenset({"running", "draining", "ollama-down"})
+LIVE_STATES = frozenset({"running", "draining", "ollama-down", "breaker-open", "breaker-half-open"})
 """Node states whose heartbeat is fresh (``stale`` and ``gone`` are the others)."""
 
 
@@ -192,6 +192,17 @@ def _nodes(snapshot: Snapshot) -> Iterator[Metric]:
         ["node"], (([n.node_id], n.heartbeat_age) for n in nodes),
     )  # fmt: skip
     records = [(n.node_id, n.record) for n in nodes if n.record]
+    yield _gauge(
+        "corral_node_breaker_open",
+        "1 while the node's circuit breaker is open or half-open (it claims no job, or one "
+        "probe), 0 while closed.",
+        ["node"],
+        (
+            ([node], (rec.get("breaker") or {}).get("state") != "closed")
+            for node, rec in records
+            if isinstance(rec.get("breaker"), dict)
+        ),
+    )
     for name, field, help_text in (
         ("corral_node_slots", "slots_total", "The node's slots (OLLAMA_NUM_PARALLEL)."),
         ("corral_node_busy_slots", "slots_busy", "Slots running a job."),

@@ -37,6 +37,7 @@ class Scheduler:
             job_ttl=settings.job_ttl,
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
+            resume_streams=settings.resume_streams,
         )
         self.lease = Lease(redis, self.id, settings.lease_ttl)
         self.retries = RetryScheduler(

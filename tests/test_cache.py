@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -410,9 +411,28 @@ def test_codec_round_trip_and_garbage() -> None:
             decode(bad)
 
 
+@pytest.fixture
+async def unresumed(start_cluster: Any) -> LocalCluster:
+    """A fleet whose streams end with an error when their node dies (no resumption)."""
+    started: LocalCluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=4)], worker={"resume_streams": False}
+    )
+    return started
+
+
 async def test_a_failed_job_gives_its_followers_the_same_error_and_is_not_cached(
-    fleet: LocalCluster, http: Any, second: LocalGateway
+    unresumed: LocalCluster,
 ) -> None:
+    fleet = unresumed
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=fleet.url, timeout=30))
+        second = LocalGateway(GatewaySettings(redis_url=fleet.redis_url, port=0))
+        await second.start()
+        stack.push_async_callback(second.stop)
+        await _failed_job_shared(fleet, http, second)
+
+
+async def _failed_job_shared(fleet: LocalCluster, http: Any, second: LocalGateway) -> None:
     fake = fleet.nodes[0].fake.fake
     fake.configure(token_rate=SLOW)
     body = _generate("a long answer that will break halfway through it")

@@ -466,7 +466,10 @@ async def test_body_size_limit(start_cluster: StartCluster) -> None:
 
 
 async def test_failure_mid_stream_is_an_error_event(start_cluster: StartCluster) -> None:
-    cluster = await start_cluster([FakeOllamaConfig(crash_after_tokens=2)])
+    # CORRAL_RESUME_STREAMS off; tests/test_resume.py covers the default (continued).
+    cluster = await start_cluster(
+        [FakeOllamaConfig(crash_after_tokens=2)], worker={"resume_streams": False}
+    )
     async with _client(cluster) as client:
         stream = await client.chat.completions.create(
             model="llama3", messages=_user("one two three four"), stream=True

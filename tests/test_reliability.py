@@ -321,12 +321,16 @@ async def _ghost_claim(store: JobStore, redis: Redis, node_id: str) -> Any:
 
 
 async def test_node_failing_mid_stream_ends_the_stream_with_an_error_line(
-    cluster: LocalCluster, redis: Redis
+    start_cluster: StartCluster, redis: Redis
 ) -> None:
-    """Output already reached the client: the job fails with Ollama's mid-stream error
-    convention instead of being re-run into the same response."""
+    """With CORRAL_RESUME_STREAMS off, output already reached the client: the job fails
+    with Ollama's mid-stream error convention instead of being continued (tests/
+    test_resume.py covers the default, where another attempt continues the answer)."""
     import json
 
+    cluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=2)], worker={"resume_streams": False}
+    )
     cluster.nodes[0].fake.fake.configure(crash_after_tokens=2, token_rate=100)
     async with (
         httpx.AsyncClient(base_url=cluster.url, timeout=30) as http,

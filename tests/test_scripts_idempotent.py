@@ -267,6 +267,26 @@ async def test_a_streamed_job_handed_back_fails_and_its_gateway_is_told_once(
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+async def test_a_streamed_job_taken_back_with_resumption_is_queued_again_once(
+    redis: Redis,
+) -> None:
+    # The scheduler taking back what a dead node held, with CORRAL_RESUME_STREAMS on: the
+    # next node continues the answer, so the job is queued (its attempt counted), not failed.
+    store = JobStore(redis, job_ttl=60, result_ttl=60, resume_streams=True)
+    spec = _spec(wait=True, stream=True)
+    await fleet.touch(redis, keys.GATEWAYS, "gw")
+    await store.enqueue(spec, max_queue=10)
+    job = await store.claim(MODEL, "node-a")
+    assert job is not None
+    await redis.hset(keys.job(job.job_id), "streamed", 1)
+    for _ in range(2):
+        outcome = await store.requeue(job.job_id, MODEL, 5, job.entry_id, "", "node-a died")
+        assert outcome == 1
+    assert await redis.hmget(keys.job(job.job_id), "state", "attempts") == [b"queued", b"1"]
+    again = await store.claim(MODEL, "node-b")
+    assert again is not None and again.job_id == job.job_id and again.attempt == 2
+
+
 async def test_burying_and_cancelling_tell_the_gateway_once(redis: Redis, redis_url: str) -> None:
     store = JobStore(redis, job_ttl=60, result_ttl=60)
     dying, leaving = _spec(wait=True), _spec(wait=True)

@@ -117,6 +117,7 @@ DOCUMENTED: dict[str, tuple[str, set[str]]] = {
     "corral_node_heartbeat_age_seconds": ("gauge", {"node"}),
     "corral_node_slots": ("gauge", {"node"}),
     "corral_node_busy_slots": ("gauge", {"node"}),
+    "corral_node_breaker_open": ("gauge", {"node"}),
     "corral_node_cpu_percent": ("gauge", {"node"}),
     "corral_node_memory_percent": ("gauge", {"node"}),
     "corral_node_gpu_utilization_percent": ("gauge", {"node", "gpu", "name"}),

@@ -15,6 +15,7 @@ from corral.tooling.fake_ollama_state import FakeOllama
 from corral.tooling.fake_ollama_text import (
     ReplyPlan,
     context_ids,
+    continued_tokens,
     echo_tokens,
     json_tokens,
     normalized_embedding,
@@ -117,6 +118,13 @@ async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> N
     prompt = req.last_user_content(chat)
     tool = req.first_tool_name(body)
     plan = _plan(prompt, opts, req.wants_json(body), req.think_flag(body), tool)
+    unfinished = req.unfinished_answer(chat)
+    rest = None
+    if unfinished:
+        # As Ollama does with a last assistant message: continue it, not answer anew.
+        rest = continued_tokens(prompt, unfinished, opts.num_predict, req.wants_json(body))
+        if rest is not None:
+            plan = ReplyPlan(rest[0], rest[1])
     garbage = None
     if chat:
         await fake.inject_failure()
@@ -126,7 +134,8 @@ async def handle_chat(fake: FakeOllama, ex: Exchange, body: dict[str, Any]) -> N
             final, stream = _status_reply("chat", name, "load"), False
         else:
             words = sum(word_count(str(m.get("content") or "")) for m in chat)
-            with fake.generating("/api/chat", meta.name, prompt, ex) as run:
+            continuing = rest is not None
+            with fake.generating("/api/chat", meta.name, prompt, ex, continued=continuing) as run:
                 reply = _Reply(
                     "chat",
                     name,

@@ -127,6 +127,13 @@ def last_user_content(chat: list[dict[str, Any]]) -> str:
     return str(chat[-1].get("content") or "") if chat else ""
 
 
+def unfinished_answer(chat: list[dict[str, Any]]) -> str | None:
+    """The content of a last ``assistant`` message: an answer Ollama is asked to continue."""
+    if chat and chat[-1].get("role") == "assistant" and not chat[-1].get("tool_calls"):
+        return str(chat[-1].get("content") or "")
+    return None
+
+
 def first_tool_name(body: dict[str, Any]) -> str | None:
     tools = body.get("tools")
     if not tools:

@@ -136,7 +136,13 @@ class FakeOllama:
 
     @contextlib.contextmanager
     def generating(
-        self, endpoint: str, model: str, prompt: str, ex: Exchange | None = None
+        self,
+        endpoint: str,
+        model: str,
+        prompt: str,
+        ex: Exchange | None = None,
+        *,
+        continued: bool = False,
     ) -> Iterator[str]:
         """Count one generation as active for its duration and log its start.
 
@@ -145,14 +151,14 @@ class FakeOllama:
         """
         self.counters.change_active(model, +1)
         self.counters.log_start(endpoint, model, prompt)
-        run = self.counters.run_started(model, prompt)
+        run = self.counters.run_started(model, prompt, continued=continued)
         if ex is not None:
             previous = ex.on_complete
 
             def completed() -> None:
                 if previous is not None:
                     previous()
-                self.counters.run_ended(run, "completed")
+                self.counters.run_ended(run, "continued" if continued else "completed")
 
             ex.on_complete = completed
         try:

@@ -25,16 +25,22 @@ def fingerprint(model: str, prompt: str) -> str:
 
 @dataclass
 class Run:
-    """What happened to every generation of one request (one fingerprint) on this node."""
+    """What happened to every generation of one request (one fingerprint) on this node.
+
+    A continuation (a chat whose last message is the unfinished answer, as a node sends
+    after another died mid-stream) generates only the rest of an answer: it is counted in
+    ``continued``, not as a start or completion of the whole answer."""
 
     model: str
     prompt: str
     started: int = 0
     completed: int = 0
     garbage: int = 0
+    continued: int = 0
     started_at: list[float] = field(default_factory=list)
     completed_at: list[float] = field(default_factory=list)
     garbage_at: list[float] = field(default_factory=list)
+    continued_at: list[float] = field(default_factory=list)
 
     def as_dict(self, key: str) -> dict[str, Any]:
         return {
@@ -44,9 +50,11 @@ class Run:
             "started": self.started,
             "completed": self.completed,
             "garbage": self.garbage,
+            "continued": self.continued,
             "started_at": list(self.started_at),
             "completed_at": list(self.completed_at),
             "garbage_at": list(self.garbage_at),
+            "continued_at": list(self.continued_at),
         }
 
 
@@ -137,12 +145,17 @@ class Stats:
                 self.runs.popitem(last=False)
         return key
 
-    def run_started(self, model: str, prompt: str) -> str:
-        """Count a generation of this request as started; returns its fingerprint."""
+    def run_started(self, model: str, prompt: str, *, continued: bool = False) -> str:
+        """Count a generation of this request as started (or a continuation of its
+        answer); returns its fingerprint."""
         key = self.run_entry(model, prompt)
         run = self.runs[key]
-        run.started += 1
-        _stamp(run.started_at)
+        if continued:
+            run.continued += 1
+            _stamp(run.continued_at)
+        else:
+            run.started += 1
+            _stamp(run.started_at)
         self._on_change()
         return key
 
@@ -151,7 +164,9 @@ class Stats:
         run = self.runs.get(key)
         if run is None:
             return  # forgotten (reset or past RUNS_LIMIT) while it ran
-        if outcome == "completed":
+        if outcome == "continued":
+            pass  # counted when it started
+        elif outcome == "completed":
             run.completed += 1
             _stamp(run.completed_at)
         else:

@@ -53,6 +53,23 @@ def json_tokens(prompt: str, num_predict: int | None) -> tuple[list[str], str]:
     return pieces, "stop"
 
 
+def continued_tokens(
+    prompt: str, partial: str, num_predict: int | None, as_json: bool
+) -> tuple[list[str], str] | None:
+    """The rest of the answer to ``prompt`` after ``partial``, as Ollama continues a chat
+    whose last message is the assistant's unfinished answer: ``num_predict`` counts only
+    the new tokens. None when ``partial`` is not how this fake's answer begins."""
+    make = json_tokens if as_json else echo_tokens
+    for k in range(len(partial) + 1):
+        total = None if num_predict is None else k + num_predict
+        tokens, reason = make(prompt, total)
+        if len(tokens) < k:
+            return None
+        if "".join(tokens[:k]) == partial:
+            return tokens[k:], reason
+    return None
+
+
 def thinking_tokens(prompt: str) -> list[str]:
     return _spaced(f"thinking: {prompt}".split())
 

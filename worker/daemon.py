@@ -25,7 +25,7 @@ from corral import fleet, keys, loops, protocol
 from corral.connections import TRANSIENT_REDIS_ERRORS, server_time, text
 from corral.errors import BackendError, RedisUnavailable
 from corral.jobs import ORPHANED, ClaimedJob, JobStore
-from corral.keys import JobState
+from corral.keys import JobKind, JobState
 from corral.loops import LoopHealth
 from corral.names import normalize_model
 from corral.settings import WorkerSettings
@@ -34,8 +34,18 @@ from corral.subscription import Subscription
 from corral.tasks import cancel_and_wait
 from corral.telemetry import Recorder
 from corral.worker.aggregate import Aggregator
+from corral.worker.breaker import Breaker, BreakerState
+from corral.worker.embed_batch import EchoedError, EmbedBatcher
 from corral.worker.metrics import HostMetrics, host_addresses
 from corral.worker.ollama import OllamaClient
+from corral.worker.placement import Placement
+from corral.worker.resume import (
+    Partial,
+    as_generate_chunk,
+    continuation,
+    read_partial,
+    summed_final,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,15 @@ REDIS_WRITE_ERRORS = (RedisError, OSError, RuntimeError)
 """What a bookkeeping write may raise and be tried again after: a dropped connection, a
 timeout, and error replies too (``OOM`` while Redis refuses writes at ``maxmemory``)."""
 
+LOADED_NS = 100_000_000
+"""A ``load_duration`` above this (ns) means the job paid a model load."""
+
+MIN_TOKENS = 8
+"""Answers shorter than this say little about a node's speed and are not measured."""
+
+TAIL_POLL = 0.1
+"""Seconds between looks at a model's queue while faster nodes are left its short backlog."""
+
 MODELS_TIMEOUT = 30.0
 """Seconds model discovery (``/api/tags``, ``/api/version``) may take before it is retried."""
 
@@ -64,6 +83,8 @@ class Progress:
     """How far a job's answer got to its client."""
 
     sent: int = 0
+    resumed: bool = False
+    """Whether this attempt continues an answer another attempt began."""
 
 
 class Worker:
@@ -95,6 +116,7 @@ class Worker:
             result_ttl=settings.result_ttl,
             gateway_ttl=settings.gateway_ttl,
             clock=self.clock,
+            resume_streams=settings.resume_streams,
         )
         self.health = LoopHealth()
         """Each background loop's last success, shown in the heartbeat."""
@@ -116,6 +138,30 @@ class Worker:
         self._backoff = loops.Backoff(base=0.2, cap=2.0)
         self.recorder = Recorder()
         """Queue waits and generation speed, flushed to Redis by the telemetry loop."""
+        self.breaker = Breaker(
+            threshold=settings.breaker_failures,
+            window=settings.breaker_window,
+            cooldown=settings.breaker_cooldown,
+        )
+        self._breaker_changed = asyncio.Event()
+        self.placement = Placement(
+            self.node_id,
+            weight=settings.weight,
+            backup=settings.backup,
+            weight_step=settings.weight_step,
+            spill_after=settings.spill_after,
+            locality_wait=settings.locality_wait,
+            load_cost=settings.load_cost,
+        )
+        self.embedder = EmbedBatcher(self.ollama.post, window=settings.embed_batch_window)
+        self._tail_watch: dict[str, tuple[int, float]] = {}
+        """Per model, the queue length last seen while leaving it to faster nodes, and
+        since when it has not changed."""
+        self._peers: list[fleet.NodeRecord] = []
+        """The live nodes' heartbeats, as last read (placement defers to better ones)."""
+        self._forced = {
+            normalize_model(model): options for model, options in settings.forced_options().items()
+        }
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -142,6 +188,7 @@ class Worker:
             ("models", self.settings.models_refresh, self.refresh_models, None),
             ("upkeep", beat, self.upkeep, None),
             ("telemetry", TELEMETRY_INTERVAL, self.flush_telemetry, None),
+            ("peers", beat, self.refresh_peers, None),
         ]
         background = [
             asyncio.create_task(
@@ -308,6 +355,10 @@ class Worker:
         host = await asyncio.to_thread(self.metrics.read) if self.metrics else {}
         await fleet.publish_heartbeat(self.redis, self.record(host), self.settings.node_ttl)
 
+    async def refresh_peers(self) -> None:
+        """Read the other nodes' heartbeats, for placement."""
+        self._peers = (await fleet.read_fleet(self.redis, self.settings.node_ttl)).nodes
+
     async def upkeep(self) -> None:
         """Catch lost cancellations and stranded entries; keep cached model info alive."""
         await self._reconcile_cancels()
@@ -321,7 +372,15 @@ class Worker:
                 await pipe.execute()
 
     def record(self, host: dict[str, Any] | None = None) -> fleet.NodeRecord:
-        state = "draining" if self._draining else "running" if self._ollama_ok else "ollama-down"
+        breaker = self.breaker.state
+        if self._draining:
+            state = "draining"
+        elif not self._ollama_ok:
+            state = "ollama-down"
+        elif breaker is not BreakerState.CLOSED:
+            state = f"breaker-{breaker.value}"  # never "running": not a healthy node
+        else:
+            state = "running"
         return {
             "node_id": self.node_id,
             "hosts": host_addresses(),
@@ -335,6 +394,12 @@ class Worker:
             "running": list(self._running),
             "started_at": self._started_at,
             "loops": self.health.report(),
+            "breaker": self.breaker.report(),
+            "weight": self.settings.weight,
+            "backup": self.settings.backup,
+            "load_costs": {m: round(s, 3) for m, s in self.placement.load_costs.items()},
+            "speeds": {m: round(s, 2) for m, s in self.placement.speeds.items()},
+            "durations": {m: round(s, 3) for m, s in self.placement.durations.items()},
             **(host or {}),
         }
 
@@ -432,16 +497,36 @@ class Worker:
         """
         failures = 0
         while True:
+            allowed = self.breaker.allowance(limit)
+            if not allowed:
+                await self._wait_for_breaker()
+                continue
             order = self._claim_order()
             jobs: list[ClaimedJob] = []
+            defer: float | None = None
             try:
                 for model in order:
-                    jobs += await self.store.claim_many(model, self.node_id, limit - len(jobs))
-                    if len(jobs) == limit:
+                    if await self._leave_to_faster(model):
+                        defer = TAIL_POLL if defer is None else min(defer, TAIL_POLL)
+                        continue
+                    got, later = await self.store.claim_aged(
+                        model, self.node_id, allowed - len(jobs), await self._claim_delay(model)
+                    )
+                    jobs += got
+                    if later is not None:
+                        defer = later if defer is None else min(defer, later)
+                    if len(jobs) == allowed:
                         break
                 if jobs:
                     self._claims += 1
-                    return jobs, len(jobs) < limit
+                    for job in jobs:
+                        self.breaker.claimed(job.job_id)
+                    return jobs, len(jobs) < limit and defer is None
+                if defer is not None:
+                    # Jobs wait that better placed nodes should take first: look again
+                    # when the first of them has waited out this node's delay.
+                    await asyncio.sleep(min(defer, self.settings.bell_timeout))
+                    continue
                 await self._wait_for_work(order)
             except Exception as exc:  # any failure: back off and claim again, never die
                 if jobs:  # claimed before the failure: run those, they are ours
@@ -451,10 +536,71 @@ class Worker:
                 log.warning("claiming failed (%d in a row), retrying: %r", failures, exc)
                 await asyncio.sleep(self._backoff.delay(failures))  # back off from an outage
 
+    async def _claim_delay(self, model: str) -> float:
+        """Seconds a job of ``model`` must have waited before this node claims it."""
+        loaded = model in self._loaded_names()
+        queued = 0
+        if self.placement.warm_elsewhere(model, loaded_here=loaded, peers=self._peers):
+            queued = int(await self.redis.get(keys.queued_count(model)) or 0)
+        delay = self.placement.delay(
+            model,
+            loaded_here=loaded,
+            peers=self._peers,
+            queued=queued,
+            holding=self._loaded_names(),
+        )
+        if self.breaker.recent_failures() and self._served_elsewhere(model):
+            # Failing lately: let healthy nodes take jobs first, so one job is not failed
+            # here attempt after attempt before the breaker opens.
+            delay = max(delay, self.settings.spill_after)
+        return delay
+
+    async def _leave_to_faster(self, model: str) -> bool:
+        """Whether faster nodes should take the whole short backlog of ``model``."""
+        if not self.settings.tail_aware:
+            return False
+        threshold = self.placement.tail_threshold(model, self._peers)
+        if threshold <= 0:
+            return False
+        queued = int(await self.redis.get(keys.queued_count(model)) or 0)
+        if queued > threshold or queued == 0:
+            self._tail_watch.pop(model, None)
+            return False
+        # Safety valve: faster nodes that take none of the backlog for a while (hung, or
+        # busy with long jobs) are not waited for.
+        now = time.monotonic()
+        seen, since = self._tail_watch.get(model, (queued, now))
+        if queued != seen:
+            since = now
+        self._tail_watch[model] = (queued, since)
+        return now - since < self.placement.tail_patience(model, self._peers)
+
+    def _served_elsewhere(self, model: str) -> bool:
+        return any(
+            peer.get("node_id") != self.node_id
+            and peer.get("state") == "running"
+            and any(
+                normalize_model(str(m.get("name") or m.get("model"))) == model
+                for m in peer.get("models") or ()
+            )
+            for peer in self._peers
+        )
+
+    def _loaded_names(self) -> set[str]:
+        return {normalize_model(str(m.get("name") or m.get("model"))) for m in self._loaded}
+
+    async def _wait_for_breaker(self) -> None:
+        """Wait while the breaker allows no claim: until it may go half-open, or its probe
+        ends (then the state changed)."""
+        self._breaker_changed.clear()
+        wait = self.breaker.reopens_in() or self.settings.bell_timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._breaker_changed.wait(), wait)
+
     def _claim_order(self) -> list[str]:
         if not self._ollama_ok:
             return []
-        loaded = {normalize_model(str(m.get("name") or m.get("model"))) for m in self._loaded}
+        loaded = self._loaded_names()
         hot = [m for m in self.models if m in loaded]
         cold = [m for m in self.models if m not in loaded]
         if self._claims % FAIRNESS_EVERY == FAIRNESS_EVERY - 1:
@@ -501,16 +647,25 @@ class Worker:
         )
         progress = Progress()
         limit = asyncio.timeout(job.run_timeout or None)
+        healthy: bool | None = None  # the breaker's verdict on this node, if any
         try:
             async with limit:
                 if job.kind.streams:
                     result, final = await self._stream(job, progress)
+                elif job.kind is JobKind.EMBED and self.settings.embed_batching:
+                    result = final = await self.embedder.embed(self._request(job))
                 else:
-                    result = final = await self.ollama.post(job.kind.path, job.request)
+                    result = final = await self.ollama.post(job.kind.path, self._request(job))
+            healthy = True
+            if not progress.resumed:  # a continuation's counts include the first attempt's
+                self._measure(job.model, result, time.monotonic() - started)
             message = protocol.encode(job.job_id, progress.sent, protocol.DONE, final)
             await self._settle(job, JobState.DONE, result=result, message=message)
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
+            # A 4xx is Ollama answering properly about a bad request: the node is fine.
+            # A batch's failure is the node's once, not once per job in the batch.
+            healthy = None if isinstance(exc, EchoedError) else exc.status < 500
             await self._failed(job, exc, progress.sent)
         except TimeoutError as exc:
             if limit.expired():
@@ -536,6 +691,53 @@ class Worker:
             else:
                 await asyncio.shield(self._hand_back(job, progress.sent))
             raise
+        finally:
+            self._judge(job.job_id, healthy)
+
+    def _judge(self, job_id: str, healthy: bool | None) -> None:
+        """Tell the breaker how the node did on a job (None: no verdict)."""
+        before = self.breaker.state
+        if healthy is None:
+            self.breaker.released(job_id)
+        elif healthy:
+            self.breaker.succeeded(job_id)
+        else:
+            self.breaker.failed(job_id)
+        self._breaker_changed.set()
+        after = self.breaker.state
+        if after is not before:
+            log.warning("node %s circuit breaker %s -> %s", self.node_id, before, after)
+
+    def _request(self, job: ClaimedJob) -> bytes:
+        """The request as sent to Ollama: with this model's forced runner options, if any,
+        so requests that differ only there do not make Ollama reload the model."""
+        forced = self._forced.get(job.model)
+        if not forced:
+            return job.request
+        body = orjson.loads(job.request)
+        if not isinstance(body, dict):
+            return job.request
+        options = body.get("options")
+        body["options"] = {**(options if isinstance(options, dict) else {}), **forced}
+        return orjson.dumps(body)
+
+    def _measure(self, model: str, result: bytes, took: float) -> None:
+        """Learn this node's load cost for ``model`` from a final answer's load_duration
+        (nanoseconds; a load shows as more than a tenth of a second, a warm model less)."""
+        try:
+            final = orjson.loads(result)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(final, dict):
+            return
+        load = final.get("load_duration")
+        load_s = load / 1e9 if isinstance(load, int | float) and load > LOADED_NS else 0.0
+        if load_s:
+            self.placement.note_load(model, load_s)
+        self.placement.note_duration(model, took - load_s)
+        tokens, spent = final.get("eval_count"), final.get("eval_duration")
+        if isinstance(tokens, int) and isinstance(spent, int | float) and tokens >= MIN_TOKENS:
+            self.placement.note_speed(model, tokens, spent / 1e9)
 
     def _unexpected(self, job: ClaimedJob, exc: BaseException) -> BackendError:
         """Anything but a backend error (a Redis error reply, a bug): the job must not stay
@@ -546,8 +748,9 @@ class Worker:
         return BackendError(reason, 500, retriable=True)
 
     async def _failed(self, job: ClaimedJob, exc: BackendError, sent: int) -> None:
-        """Retry what another attempt may fix, unless the client already has part of it."""
-        if exc.retriable and not sent:
+        """Retry what another attempt may fix; if the client already has part of it, only
+        when the next attempt continues the answer (``resume_streams``)."""
+        if exc.retriable and (not sent or self.settings.resume_streams):
             done = False
 
             async def retry() -> None:
@@ -577,11 +780,29 @@ class Worker:
         """
         aggregate = Aggregator(job.kind)
         channel = keys.reply_channel(job.gateway_id)
+        path, request, as_generate = job.kind.path, self._request(job), False
+        partial = await self._partial(job)
+        if partial is not None:
+            # Another node streamed part of this answer and died: continue it from where
+            # the client is, numbering the new chunks after the ones it has.
+            for chunk in partial.chunks:
+                aggregate.add(chunk)
+            progress.sent, progress.resumed = partial.sent, True
+            ask = continuation(job.kind, request, partial)
+            path, request, as_generate = ask.path, ask.request, ask.as_generate
+            log.info("job %s continues its answer after %d chunk(s)", job.job_id, partial.sent)
         last = b""
-        async for line in self.ollama.stream_lines(job.kind.path, job.request):
+        async for received in self.ollama.stream_lines(path, request):
+            line = received
             chunk = _parse_chunk(line)
             if "error" in chunk:  # Ollama reports mid-stream failures as an error line
                 raise BackendError(str(chunk["error"]), 500, retriable=False)
+            if partial is not None:
+                if as_generate:
+                    chunk = as_generate_chunk(chunk)
+                if chunk.get("done"):
+                    chunk = summed_final(chunk, partial)
+                line = orjson.dumps(chunk)
             aggregate.add(chunk)
             if aggregate.done:
                 # No break: reading to the end of the body keeps the connection for the
@@ -614,16 +835,29 @@ class Worker:
                 "corral_generation_tokens_per_second", labels, tokens / (nanos / 1e9)
             )
 
+    async def _partial(self, job: ClaimedJob) -> Partial | None:
+        """The chunks an earlier attempt already streamed to the client, if any."""
+        if not (self.settings.resume_streams and job.stream and job.attempt > 1):
+            return None
+        partial = read_partial(await self.redis.lrange(keys.output(job.job_id), 0, -1))
+        return partial if partial.sent else None
+
     async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
         """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss.
 
         A Redis that refuses writes for a moment (``OOM`` at ``maxmemory``) or stalls pauses
         the stream rather than failing it: the chunk is sent again until it goes through
-        (a copy sent twice is dropped by its sequence number)."""
+        (a copy sent twice is dropped by its sequence number). The first chunk goes all or
+        nothing (MULTI): under ``OOM`` a bare pipeline would still publish it while its
+        ``streamed`` mark was refused, and the job would be re-run from the start although
+        its client has output. Later chunks skip MULTI (it cut the instant-token relay rate
+        by about a third here): under ``OOM`` one may reach the client without its list
+        entry, and a continuation after a node's death in that same moment would then
+        start one chunk early, a chunk the gateway drops by its sequence number."""
         out = keys.output(job.job_id)
 
         async def send() -> None:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=first) as pipe:
                 if first:  # from now on a re-run would repeat output the client has seen
                     pipe.hset(keys.job(job.job_id), "streamed", 1)
                     pipe.expire(out, self.settings.job_ttl)
@@ -635,9 +869,10 @@ class Worker:
             raise RedisUnavailable(f"node {self.node_id} could not forward the answer")
 
     async def _hand_back(self, job: ClaimedJob, sent: int, reason: str = "") -> None:
-        """Give up a running job: requeue it, unless its client already has output."""
+        """Give up a running job: requeue it, unless its client already has output and the
+        next attempt could not continue it."""
         reason = reason or f"node {self.node_id} shut down"
-        if sent:
+        if sent and not self.settings.resume_streams:
             message = f"{reason} in the middle of this response"
             await self._settle(
                 job,

@@ -8,7 +8,9 @@
 -- ARGV: 1 named arguments (corral.scripts.Claim)
 -- Returns a list of {priority, entry id, job id, kind, request, stream flag, gateway id,
 -- attempts, run timeout, seconds it waited in the queue (text)}, most urgent first; empty
--- when nothing waits (the doorbell is cleared then, so stale rings stop).
+-- when nothing waits (the doorbell is cleared then, so stale rings stop). With a.min_age > 0
+-- only entries that waited that long are claimed, and a last element {'defer', ms} says when
+-- the next younger one will have.
 local queued_count, doorbell, stats, gateways, receipt_key =
   KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15]
 local a = cjson.decode(ARGV[1])
@@ -99,9 +101,49 @@ local function done()
   return claimed
 end
 
+-- How many of the next undelivered entries of stream i have waited min_age seconds (entry
+-- ids are Redis's own milliseconds), and how long until the next one has, when it has not.
+-- A node that defers to better placed nodes claims only jobs that waited that long.
+local defer_ms = nil
+local function old_enough(i, asked)
+  local groups = redis.call('XINFO', 'GROUPS', KEYS[i])
+  local last = '0-0'
+  for _, g in ipairs(groups) do
+    for k = 1, #g, 2 do
+      if g[k] == 'name' and g[k + 1] ~= group then
+        break
+      end
+      if g[k] == 'last-delivered-id' then
+        last = g[k + 1]
+      end
+    end
+  end
+  local entries = redis.call('XRANGE', KEYS[i], '(' .. last, '+', 'COUNT', asked)
+  local cutoff = NOWN * 1000 - a.min_age * 1000
+  local n = 0
+  for _, entry in ipairs(entries) do
+    local ms = tonumber(string.match(entry[1], '^(%d+)'))
+    if ms > cutoff then
+      local wait = ms - cutoff
+      if defer_ms == nil or wait < defer_ms then
+        defer_ms = wait
+      end
+      break
+    end
+    n = n + 1
+  end
+  return n
+end
+
 for i = 1, 10 do
   while #claimed < a.want do
     local asked = a.want - #claimed
+    if a.min_age > 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+      asked = old_enough(i, asked)
+      if asked == 0 then
+        break
+      end
+    end
     local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', asked,
       'STREAMS', KEYS[i], '>')
     if type(r) ~= 'table' or r.err or r[1] == nil then
@@ -118,6 +160,16 @@ for i = 1, 10 do
   if #claimed >= a.want then
     return done()
   end
+end
+if defer_ms ~= nil then
+  -- Jobs wait that this node left to others: keep a ring for a node blocked on the
+  -- doorbell (this one waits out defer_ms instead), and say when to look again.
+  if redis.call('LLEN', doorbell) == 0 then
+    redis.call('RPUSH', doorbell, '1')
+  end
+  local reply = done()
+  reply[#reply + 1] = {'defer', math.ceil(defer_ms)}
+  return reply
 end
 redis.call('DEL', doorbell)
 return done()

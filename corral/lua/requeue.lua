@@ -2,7 +2,8 @@
 -- back what a dead or unregistered node held): settle the old stream entry and queue the job
 -- again at once.
 -- Two exceptions: a job whose client already received part of a streamed answer is failed
--- (a re-run would repeat that output), and a job that used up its attempts (a poison job
+-- (a re-run would repeat that output) unless a.resume (the next node then continues the
+-- answer from where the client is), and a job that used up its attempts (a poison job
 -- that takes down every node that runs it) goes to the retry inbox, where the scheduler's
 -- RQ job dead-letters it. The attempt limit is the job's own (set at enqueue), so every
 -- path that puts a job back enforces the same one.
@@ -30,7 +31,7 @@ local function outcome(n)
   redis.call('HSET', job_key, 'handed_back', a.entry .. ' ' .. n)
   return n
 end
-if rec[5] == '1' then
+if rec[5] == '1' and not a.resume then
   redis.call('HSET', job_key, 'state', 'failed', 'finished', NOW, 'error', a.streamed_error,
     'status', a.streamed_status)
   redis.call('EXPIRE', job_key, rec[8] == '0' and a.job_ttl or a.result_ttl)
