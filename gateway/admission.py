@@ -13,7 +13,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from corral.errors import ModelNotFound
+from corral.errors import MemoryFull, ModelNotFound
 from corral.gateway import degrade, inputs
 from corral.gateway.dialect import Dialect
 from corral.gateway.relay import JobResponse
@@ -29,16 +29,19 @@ class Incoming:
     state: GatewayState
     body: dict[str, Any]
     key_priority: int | None
+    tenant: str = ""
+    """Who the job's stored bytes are charged to ('' without API keys)."""
 
 
 async def read_request(request: Request) -> Incoming:
     """Authenticate first (no body is read for a bad key), then read the JSON body."""
     state = state_of(request)
     key_priority = inputs.api_key_priority(request, state.settings)
+    tenant = inputs.tenant(request, state.settings)
     body = await inputs.read_json(
         request, state.settings.max_body_bytes, state.settings.body_timeout
     )
-    return Incoming(state, body, key_priority)
+    return Incoming(state, body, key_priority, tenant)
 
 
 async def make_spec(
@@ -72,6 +75,11 @@ async def make_spec(
         else inputs.run_timeout(request, settings.run_timeout, settings.run_timeout_max)
     )
     view = state.fleet
+    if view.memory_full:  # read by the fleet refresh, not per request
+        raise MemoryFull(
+            f"server storage nearly full (Redis at {view.memory_share:.0%} of its maxmemory): "
+            "new work is refused until running jobs finish, please try again later"
+        )
     if not await view.has_model(model):
         raise ModelNotFound(str(body["model"]))
     body["model"] = model
@@ -96,6 +104,8 @@ async def make_spec(
         max_attempts=settings.max_attempts,
         run_timeout=run_for,
         degraded=degraded,
+        tenant=incoming.tenant,
+        quota=settings.tenant_quota_bytes if incoming.tenant else 0,
     )
 
 

@@ -9,6 +9,7 @@ the app turns it into ``{"error": ...}`` (or the OpenAI shape) with its status.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import orjson
@@ -86,6 +87,15 @@ def api_key_priority(request: Request, settings: GatewaySettings) -> int | None:
     if scheme.lower() != "bearer" or token.strip() not in allowed:
         raise Unauthorized("unauthorized: a valid API key is required (Authorization: Bearer ...)")
     return allowed[token.strip()]
+
+
+def tenant(request: Request, settings: GatewaySettings) -> str:
+    """Who an authenticated request's stored bytes are charged to: an id of its API key
+    (a hash, so the key itself is never stored); '' when no keys are configured."""
+    if not settings.api_keys:
+        return ""
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def priority(request: Request, default: int) -> int:

@@ -15,6 +15,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 
 from corral import keys
+from corral.rqjson import SERIALIZER
 
 
 class _Connection(Redis):
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     connection = _Connection.from_url(args.redis_url)
-    queue = Queue(keys.RETRY_QUEUE, connection=connection)
-    worker = SimpleWorker([queue], connection=connection)
+    queue = Queue(keys.RETRY_QUEUE, connection=connection, serializer=SERIALIZER)
+    worker = SimpleWorker([queue], connection=connection, serializer=SERIALIZER)
     worker.work(with_scheduler=False, logging_level=args.log_level.upper())
     return 0
 

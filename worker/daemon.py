@@ -580,7 +580,7 @@ class Worker:
                     job,
                     channel,
                     protocol.encode(job.job_id, progress.sent, protocol.CHUNK, line),
-                    first=progress.sent == 0,
+                    seq=progress.sent,
                 )
                 progress.sent += 1
         if not aggregate.done:
@@ -588,20 +588,31 @@ class Worker:
         result = orjson.dumps(aggregate.result())
         return result, last if job.stream else result
 
-    async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
+    async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, seq: int) -> None:
         """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss.
 
         A Redis that refuses writes for a moment (``OOM`` at ``maxmemory``) or stalls pauses
         the stream rather than failing it: the chunk is sent again until it goes through
-        (a copy sent twice is dropped by its sequence number)."""
+        (a copy sent twice is dropped by its sequence number).
+
+        The replay list keeps the first ``replay_max_messages`` chunks only (one long
+        stream once copied 15 MB into it); the job's record is marked ``replay_cut`` at
+        the cap, and a reader that reaches the end of a cut list answers from the record
+        once the job ends (``finish.lua`` appends no final message to a cut list)."""
         out = keys.output(job.job_id)
+        first = seq == 0
+        keep = seq < self.settings.replay_max_messages
+        cut = seq == self.settings.replay_max_messages
 
         async def send() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if first:  # from now on a re-run would repeat output the client has seen
                     pipe.hset(keys.job(job.job_id), "streamed", 1)
                     pipe.expire(out, self.settings.job_ttl)
-                pipe.rpush(out, message)
+                if keep:
+                    pipe.rpush(out, message)
+                elif cut:
+                    pipe.hset(keys.job(job.job_id), "replay_cut", 1)
                 pipe.publish(channel, message)
                 await pipe.execute()
 

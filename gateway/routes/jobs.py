@@ -57,7 +57,7 @@ async def submit(request: Request) -> Response:
     if run_timeout is not None:
         ceiling = incoming.state.settings.run_timeout_max
         run_timeout = inputs.checked_run_timeout(run_timeout, ceiling, "'run_timeout'")
-    job_incoming = Incoming(incoming.state, job_body, incoming.key_priority)
+    job_incoming = Incoming(incoming.state, job_body, incoming.key_priority, incoming.tenant)
     spec = await make_spec(
         request,
         job_incoming,
