@@ -29,6 +29,7 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from corral import fleet, keys, loops
 from corral.load import NO_LOAD, LoadReport
@@ -98,7 +99,7 @@ class FleetView:
                 await fleet.touch(self.redis, keys.GATEWAYS, self.gateway_id)
                 self._set_load(LoadReport.decode(await self.redis.get(keys.LOAD)))
                 if self.memory_limit > 0:
-                    self._set_memory(await self.redis.info("memory"))
+                    await self._read_memory()
             except Exception:
                 self._expire_load()
                 raise
@@ -119,6 +120,17 @@ class FleetView:
             )
         self.load, self.level = report, report.level
         self._load_read_at = time.monotonic()
+
+    async def _read_memory(self) -> None:
+        try:
+            info = await self.redis.info("memory")
+        except ResponseError as exc:
+            # A Redis without INFO (the embedded one of `make demo`) or a user not granted
+            # it: no guard, rather than no gateway.
+            log.warning("cannot read Redis memory (%s): the memory guard is off", exc)
+            self.memory_limit = 0.0
+            return
+        self._set_memory(info)
 
     def _set_memory(self, info: dict[str, object]) -> None:
         limit = int(str(info.get("maxmemory", 0)))

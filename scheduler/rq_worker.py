@@ -19,7 +19,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 
 from corral import keys
-from corral.rqjson import SERIALIZER
+from corral.rqjson import SERIALIZER, CorralJob
 
 REDIS_URL_ENV = "CORRAL_REDIS_URL"
 
@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rq_worker: {REDIS_URL_ENV} is not set", file=sys.stderr)
         return 2
     connection = _Connection.from_url(url)
-    queue = Queue(keys.RETRY_QUEUE, connection=connection, serializer=SERIALIZER)
-    worker = SimpleWorker([queue], connection=connection, serializer=SERIALIZER)
+    queue = Queue(
+        keys.RETRY_QUEUE, connection=connection, serializer=SERIALIZER, job_class=CorralJob
+    )
+    worker = SimpleWorker(
+        [queue], connection=connection, serializer=SERIALIZER, job_class=CorralJob
+    )
     worker.work(with_scheduler=False, logging_level=args.log_level.upper())
     return 0
 

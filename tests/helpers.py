@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 
 async def until(
     probe: Callable[[], Awaitable[object]], expected: object, within: float = 10.0
@@ -18,3 +20,19 @@ async def until(
         while (value := await probe()) != expected:  # noqa: ASYNC110 - no event to wait on
             await asyncio.sleep(0.01)
     assert value == expected
+
+
+def record_requests(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    """The request body of every job enqueued from now on, by job id (a finished job's
+    record no longer holds it)."""
+    from corral.jobs import JobSpec, JobStore
+
+    seen: dict[str, bytes] = {}
+    enqueue = JobStore.enqueue
+
+    async def recording(self: JobStore, spec: JobSpec, *, max_queue: int) -> int:
+        seen[spec.job_id] = spec.request
+        return await enqueue(self, spec, max_queue=max_queue)
+
+    monkeypatch.setattr(JobStore, "enqueue", recording)
+    return seen
