@@ -347,8 +347,8 @@ class WorkerSettings(CommonSettings):
     replay_max_messages: int = Field(
         2048,
         ge=1,
-        description="streamed chunks of one job kept in Redis for replay; past it a gateway "
-        "that lost messages answers from the job's final record",
+        description="streamed chunks of one job kept in Redis for replay; past it the client "
+        "still gets every chunk live, but a gateway that lost messages cannot relay the rest",
     )
     clock_offset: float = Field(
         0.0,

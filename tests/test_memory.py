@@ -5,9 +5,11 @@ replay lists stop at a cap."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -15,7 +17,8 @@ from corral import keys
 from corral.errors import QueueFull, QuotaExceeded
 from corral.jobs import JobSpec, JobStore
 from corral.keys import JobKind, JobState
-from corral.tooling.cluster import LocalCluster
+from corral.settings import GatewaySettings
+from corral.tooling.cluster import LocalCluster, LocalGateway
 from corral.tooling.fake_ollama import FakeOllamaConfig
 from corral.tooling.redis_proc import RedisProcess
 from tests.helpers import until
@@ -137,6 +140,10 @@ async def small_redis() -> AsyncIterator[RedisProcess]:
         server.stop()
 
 
+def _streamed_text(reply: httpx.Response) -> str:
+    return "".join(orjson.loads(line).get("response", "") for line in reply.text.splitlines())
+
+
 def _auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
@@ -242,5 +249,48 @@ async def test_a_long_stream_keeps_only_the_first_chunks_for_replay_and_is_answe
         lines = [line async for line in reply.aiter_lines() if line]
         job_id = reply.headers["x-corral-job-id"]
     assert len(lines) > 10  # every chunk reached the client live
+    assert "".join(orjson.loads(line).get("response", "") for line in lines) == f"echo: {prompt}"
     assert await redis.llen(keys.output(job_id)) == 3  # only the first 3 were kept
     assert await redis.hget(keys.job(job_id), "replay_cut") == b"1"
+
+
+async def test_a_follower_on_another_gateway_past_a_cut_replay_list_is_told_to_retry(
+    start_cluster: object,
+) -> None:
+    """The response cache's single-flight followers on other gateways read the replay
+    list. One that relayed chunks of a list the worker cut cannot finish that stream (the
+    record's whole answer would repeat them): its client gets a 503, and asked again is
+    answered whole from the cache its leader filled; never a repeated or garbled text."""
+    cluster: LocalCluster = await start_cluster(  # type: ignore[operator]
+        [FakeOllamaConfig(models=[MODEL], token_rate=20.0)], worker={"replay_max_messages": 2}
+    )
+    second = LocalGateway(GatewaySettings(redis_url=cluster.redis_url, port=0))
+    await second.start()
+    prompt = " ".join(f"w{i}" for i in range(12))
+    body = {"model": MODEL, "prompt": prompt, "options": {"temperature": 0}}  # streamed
+    try:
+        async with (
+            httpx.AsyncClient(base_url=cluster.url, timeout=30) as one,
+            httpx.AsyncClient(base_url=second.url, timeout=30) as two,
+        ):
+            leader = asyncio.create_task(one.post("/api/generate", json=body))
+            redis = cluster.gateway.state.redis  # type: ignore[union-attr]
+
+            async def leading() -> int:
+                return len(await redis.keys(keys.cache_flight("*")))
+
+            await until(leading, 1)
+            follower = await two.post("/api/generate", json=body)
+            led = await leader
+            again = await two.post("/api/generate", json=body)
+        assert led.status_code == 200 and _streamed_text(led) == f"echo: {prompt}"
+        job_id = led.headers["x-corral-job-id"]
+        assert await redis.hget(keys.job(job_id), "replay_cut") == b"1"
+        # Its stream began (200) with the kept chunks and ended with the error line.
+        last = orjson.loads(follower.text.splitlines()[-1])
+        assert "too long to relay" in last["error"], follower.text
+        assert f"echo: {prompt}" not in _streamed_text(follower)
+        assert again.headers["x-corral-cache"] == "hit"
+        assert _streamed_text(again) == f"echo: {prompt}"
+    finally:
+        await second.stop()

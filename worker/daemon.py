@@ -597,8 +597,9 @@ class Worker:
 
         The replay list keeps the first ``replay_max_messages`` chunks only (one long
         stream once copied 15 MB into it); the job's record is marked ``replay_cut`` at
-        the cap, and a reader that reaches the end of a cut list answers from the record
-        once the job ends (``finish.lua`` appends no final message to a cut list)."""
+        the cap, and ``finish.lua`` appends no final message to a cut list. Readers of a
+        cut list (a gateway replaying after a pub/sub loss, a cache follower on another
+        gateway) end their answer with an error rather than relay a gap."""
         out = keys.output(job.job_id)
         first = seq == 0
         keep = seq < self.settings.replay_max_messages

@@ -37,8 +37,8 @@ if message ~= '' and rec[4] then
   redis.call('PUBLISH', a.reply_prefix .. rec[4], message)
 end
 if message ~= '' and not rec[7] and redis.call('EXISTS', output) == 1 then
-  -- (A replay list the worker stopped at its cap gets no final message either: a reader
-  -- that reaches its end answers from the record, which holds the whole result.)
+  -- (A replay list the worker stopped at its cap gets no final message either: its
+  -- readers cannot relay the chunks past the cap, and end their answers with an error.)
   -- Kept briefly so a gateway that lost its subscription can replay the whole answer.
   redis.call('RPUSH', output, message)
   redis.call('EXPIRE', output, a.result_ttl)
