@@ -63,6 +63,16 @@ NAMES = (
 )
 """Every ``corral/lua/<name>.lua``: one function of the library each."""
 
+ALLOW_OOM = frozenset({"claim", "finish", "requeue", "retry", "lease_renew", "lease_release"})
+"""Functions that run while Redis is at ``maxmemory`` (the ``allow-oom`` flag).
+
+Redis refuses any other function outright at ``maxmemory``. These settle or hand back
+work already accepted (a refused ``finish`` is a completed generation that may run again
+if its worker dies before Redis has room), claim it, or keep the scheduler's lease; each
+starts with a write Redis allows at ``maxmemory`` (``XACK``, ``XREADGROUP``,
+``PEXPIRE``, ``DEL``), which is what let them run there as plain scripts. New work
+(``enqueue``), heartbeats and cache writes stay refused."""
+
 PRELUDE = """\
   local _time = redis.call('TIME')
   local NOW = string.format('%d.%06d', tonumber(_time[1]), tonumber(_time[2]))
@@ -125,9 +135,11 @@ def source(name: str) -> str:
 def _body(version: str) -> str:
     parts = [HELPERS % {"prefix": keys.TENANT_PREFIX, "ttl": TENANT_KEY_TTL}]
     for name in NAMES:
+        flags = "{'allow-oom'}" if name in ALLOW_OOM else "{}"
         parts.append(
             f"local function {name}(KEYS, ARGV)\n{PRELUDE}{source(name)}\nend\n"
-            f"redis.register_function('{function_name(name, version)}', {name})\n"
+            f"redis.register_function{{function_name='{function_name(name, version)}', "
+            f"callback={name}, flags={flags}}}\n"
         )
     return "\n".join(parts)
 

@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from corral import keys
 from corral.errors import QueueFull, QuotaExceeded
@@ -294,3 +295,31 @@ async def test_a_follower_on_another_gateway_past_a_cut_replay_list_is_told_to_r
         assert _streamed_text(again) == f"echo: {prompt}"
     finally:
         await second.stop()
+
+
+async def test_accepted_work_settles_at_maxmemory_and_new_work_is_refused(
+    small_redis: RedisProcess,
+) -> None:
+    """A completed generation whose settlement Redis refused would run again if its
+    worker died before Redis had room: the functions that settle accepted work run at
+    maxmemory (``allow-oom``), as they did as plain scripts; enqueue does not."""
+    redis = Redis.from_url(small_redis.url)
+    store = JobStore(redis, job_ttl=60, result_ttl=60)
+    try:
+        first, second = _spec(tenant=""), _spec(tenant="")
+        await store.enqueue(first, max_queue=100)
+        await store.enqueue(second, max_queue=100)
+        running = await store.claim_many(MODEL, "node-a", 1)
+        await redis.config_set("maxmemory", 1)  # Redis is full
+        try:
+            assert await store.finish(running[0], "node-a", JobState.DONE, result=b"{}")
+            assert [job.job_id for job in await store.claim_many(MODEL, "node-a", 1)] == [
+                second.job_id
+            ]
+            with pytest.raises(OutOfMemoryError):
+                await store.enqueue(_spec(tenant=""), max_queue=100)
+        finally:
+            await redis.config_set("maxmemory", 64 * 1024 * 1024)
+        assert await redis.hget(keys.job(first.job_id), "state") == b"done"
+    finally:
+        await redis.aclose()
