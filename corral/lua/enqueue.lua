@@ -30,7 +30,8 @@ local entry = redis.call('XADD', stream, '*', 'j', a.job_id)
 redis.call('HSET', job_key, 'id', a.job_id, 'kind', a.kind, 'model', a.model, 'prio', a.priority,
   'state', 'queued', 'gw', a.gateway_id, 'stream', a.stream and '1' or '0',
   'wait', a.wait and '1' or '0', 'req', request, 'created', NOW, 'deadline', deadline,
-  'attempts', 0, 'max_attempts', a.max_attempts, 'run_timeout', a.run_timeout, 'entry', entry, 'tenant', a.tenant)
+  'attempts', 0, 'max_attempts', a.max_attempts, 'run_timeout', a.run_timeout, 'entry', entry,
+  'tenant', a.tenant)
 HOLD(a.tenant, job_key, #request, 0)
 redis.call('SADD', models, a.model)
 redis.call('LPUSH', doorbell, '1')
