@@ -201,7 +201,7 @@ def _result(
         n = max(1, best["completed"])
         md += [
             "Redis commands per request at that level (`INFO commandstats`; the time of "
-            "commands run inside a Lua script is also counted under `evalsha`):",
+            "commands run inside a Lua function is also counted under `fcall`):",
             "",
             report.table(
                 ["command", "calls per request", "Redis µs per request"],

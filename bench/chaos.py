@@ -902,13 +902,28 @@ class Verdict:
         )
 
 
+def _prompt_of(rec: dict[str, Any]) -> str | None:
+    """The prompt a record was for: from its request while the job lives (and in a dead
+    letter), else from its answer (``"echo: " + prompt``). A job that ended without an
+    answer (failed, cancelled, expired) no longer keeps its request, so it is matched to
+    its client by the job id the client got, or not at all."""
+    with contextlib.suppress(Exception):
+        if rec.get("req"):
+            return str(orjson.loads(rec["req"])["prompt"])
+        answer = str(orjson.loads(rec["result"])["response"])
+        if answer.startswith("echo: "):
+            return answer[len("echo: ") :]
+    return None
+
+
 def reconcile(run: Chaos) -> Verdict:
     snap = run.snapshot
     records: dict[str, dict[str, Any]] = snap["records"]
     by_prompt: dict[str, list[str]] = collections.defaultdict(list)
     for job_id, rec in records.items():
-        with contextlib.suppress(Exception):
-            by_prompt[orjson.loads(rec["req"])["prompt"]].append(job_id)
+        prompt = _prompt_of(rec)
+        if prompt is not None:
+            by_prompt[prompt].append(job_id)
     v = Verdict()
     errors: dict[int, str] = {}
     final_state: dict[int, str] = {}
@@ -1074,7 +1089,7 @@ def explain(run: Chaos, case: dict[str, Any]) -> list[str]:
         )
         for line in _text(rec.get("history") or b"").splitlines():
             lines.append(f"    history: {line}")
-        prompt = orjson.loads(rec["req"]).get("prompt", "")
+        prompt = _prompt_of(rec) or ""
         for r in run.snapshot["runs"].get(prompt, []):
             lines.append(
                 f"    fake {r.node}: started at {_times(r.started_at)}, completed at "

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+
+from corral.scripts import Function, is_missing
 
 MAX_BATCH = 128
 """Most calls in one pipeline; a larger turn is split so no reply waits on a huge batch."""
 
-Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+Call = tuple[Function, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
@@ -28,7 +28,7 @@ class ScriptBatcher:
         self._pending: list[Call] = []
         self._inflight: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def call(self, script: Function, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run ``script`` like ``script(keys=keys, args=args)``, batched with its neighbours.
 
         A caller cancelled while waiting does not take the call back: like any command
@@ -56,10 +56,10 @@ class ScriptBatcher:
                 return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for script, keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.fcall(script.name, len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
             for (script, keys, args, future), result in zip(batch, results, strict=True):
-                if isinstance(result, NoScriptError):  # Redis restarted and lost its scripts
+                if is_missing(result):  # a Redis that restarted without its functions
                     _settle(future, await _call_alone(script, keys, args))
                 else:
                     _settle(future, result)
@@ -73,8 +73,9 @@ class ScriptBatcher:
                     future.set_exception(exc)
 
 
-async def _call_alone(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-    """The script's result, or its error as a value (the script object reloads it)."""
+async def _call_alone(script: Function, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """The function's result, or its error as a value (the function object loads the
+    library when it is missing)."""
     try:
         return await script(keys=keys, args=args)
     except Exception as exc:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("corral.tooling.send", "send one request through the gateway"),
     "dlq": ("corral.scheduler.dlq", "list, retry or purge dead-lettered jobs"),
     "keys": ("corral.apikeys", "add, list, change or revoke API keys and their classes"),
+    "redis-setup": ("corral.redis_setup", "load Corral's functions into Redis (as its admin)"),
     "fake-ollama": ("corral.tooling.fake_ollama", "run a simulated Ollama node"),
     "demo": ("corral.tooling.demo", "start a local fleet and send it real requests"),
     "bench": (

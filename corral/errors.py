@@ -95,6 +95,19 @@ class QueueFull(RequestError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(RequestError):
+    """The tenant already holds its quota of bytes in Redis (request bodies of its live
+    jobs, results of its finished ``wait: false`` jobs): nothing was stored."""
+
+    status = 429
+
+
+class MemoryFull(RequestError):
+    """Redis is near its ``maxmemory``: new work is refused before writes start failing."""
+
+    status = 503
+
+
 class Overloaded(QueueFull):
     """Shed at degradation level 3: this priority is refused until the load falls."""
 

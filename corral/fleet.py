@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from corral import keys
 from corral.connections import server_time, text
-from corral.scripts import Heartbeat, Touch, argv, source
+from corral.scripts import Function, Heartbeat, Touch, argv
 
 NodeRecord = dict[str, Any]
 """Heartbeat fields: ``node_id``, ``hosts``, ``ollama_url``, ``state`` (running or
@@ -37,8 +37,7 @@ async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> flo
     """
     node_id = str(record["node_id"])
     body = orjson.dumps({k: v for k, v in record.items() if k != "ts"})
-    script = redis.register_script(source("heartbeat"))  # a hash, no round trip
-    written = await script(
+    written = await Function(redis, "heartbeat")(
         keys=[keys.node(node_id), keys.NODES],
         args=argv(Heartbeat(node_id=node_id, ttl_ms=int(ttl * 1000)), body),
     )
@@ -47,8 +46,7 @@ async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> flo
 
 async def touch(redis: Redis, registry: str, member: str) -> float:
     """Score ``member`` of a registry (live gateways) with Redis's time; returns it."""
-    script = redis.register_script(source("touch"))
-    return float(await script(keys=[registry], args=argv(Touch(member))))
+    return float(await Function(redis, "touch")(keys=[registry], args=argv(Touch(member))))
 
 
 async def remove_node(redis: Redis, node_id: str) -> None:

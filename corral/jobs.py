@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from corral import keys, protocol
 from corral.batching import ScriptBatcher
 from corral.connections import text
-from corral.errors import QueueFull
+from corral.errors import QueueFull, QuotaExceeded
 from corral.keys import JobKind, JobState
 from corral.scripts import (
     Cancel,
@@ -79,6 +79,12 @@ class JobSpec:
     run_timeout: float = 0.0
     """Seconds one attempt may run on a node before it is aborted (0: no limit)."""
     job_id: str = ""
+    tenant: str = ""
+    """Who the job's stored bytes are charged to (an opaque id, e.g. of its API key; '':
+    nobody)."""
+    quota: int = 0
+    """Most bytes ``tenant`` may hold in Redis (0: no limit); enqueueing past it raises
+    ``QuotaExceeded``."""
     degraded: str = ""
     """How the gateway degraded the request under load (the ``X-Corral-Degraded`` header,
     e.g. ``level=2; model=llama3:8b; num_predict=256``); empty when it was not."""
@@ -162,6 +168,8 @@ class JobStore:
             run_timeout=spec.run_timeout,
             owner=spec.owner,
             priority_asked=spec.priority if spec.priority_asked is None else spec.priority_asked,
+            tenant=spec.tenant,
+            quota=spec.quota,
         )
         depth = await self.batch.call(
             self.scripts.enqueue,
@@ -175,6 +183,12 @@ class JobStore:
             ],
             argv(named, spec.request),
         )
+        if int(depth) == -2:
+            raise QuotaExceeded(
+                f"storage quota exceeded: the jobs of this API key already hold up to "
+                f"{spec.quota} bytes in the queue; wait for some to finish (or collect "
+                f"their results) and try again"
+            )
         if int(depth) < 0:
             raise QueueFull(
                 f"server busy, please try again. {max_queue} requests already queued for "
@@ -374,6 +388,7 @@ class JobStore:
             result_ttl=self.result_ttl,
             cancel_prefix=keys.cancel_channel(""),
             reply_prefix=keys.reply_channel(""),
+            queue_prefix=keys.QUEUE_PREFIX,
         )
         prior = await self.scripts.cancel(keys=[keys.job(job_id), keys.STATS], args=argv(named))
         return JobState(prior.decode()) if prior else None

@@ -66,6 +66,10 @@ def streams(model: str) -> list[str]:
     return [stream(model, p) for p in PRIORITIES]
 
 
+QUEUE_PREFIX = f"{PREFIX}:q:"
+"""Every queue key starts so; a function composes ``queued_count`` from it and a model."""
+
+
 def queued_count(model: str) -> str:
     """Jobs of this model enqueued and not yet claimed (drives the queue-full 503)."""
     return f"{PREFIX}:q:{{{model}}}:n"
@@ -89,6 +93,17 @@ def job(job_id: str) -> str:
 def output(job_id: str) -> str:
     """List of the reply messages of a streamed job, so lost pub/sub messages can be replayed."""
     return f"{PREFIX}:out:{job_id}"
+
+
+TENANT_PREFIX = f"{PREFIX}:tenant:"
+"""The stored-bytes accounting of one tenant (``corral.scripts.HELPERS``), hash-tagged on
+the tenant: ``<prefix>{tenant}:bytes`` (string: the total), ``:held`` (hash: job key ->
+bytes) and ``:until`` (sorted set: job key -> when its record expires, Redis time)."""
+
+
+def tenant_bytes(tenant: str) -> str:
+    """The bytes ``tenant`` holds in Redis now (the figure its quota is checked against)."""
+    return f"{TENANT_PREFIX}{{{tenant}}}:bytes"
 
 
 RETRY_INBOX = f"{PREFIX}:retry:inbox"
@@ -222,8 +237,3 @@ def rate_log(subject: str, name: str, what: str) -> str:
 def rate_sum(subject: str, name: str, what: str) -> str:
     """String: the sum of the costs in the window ``rate_log`` holds."""
     return f"{rate_log(subject, name, what)}:sum"
-
-
-def quota_bytes(key_id: str) -> str:
-    """String: request bytes a key has stored in job records (``corral.quota``)."""
-    return f"{PREFIX}:quota:{key_id}"

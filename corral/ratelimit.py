@@ -19,10 +19,9 @@ import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from corral import keys
-from corral.scripts import argv, source
+from corral.scripts import Function, argv
 from corral.tenants import ApiKey, KeyClass
 
 WINDOW_MS = 60_000
@@ -73,8 +72,8 @@ class Decision:
 
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
-        self.script: AsyncScript = redis.register_script(source("ratelimit"))
-        self.settle_script: AsyncScript = redis.register_script(source("ratelimit_settle"))
+        self.script = Function(redis, "ratelimit")
+        self.settle_script = Function(redis, "ratelimit_settle")
 
     async def charge(self, key: ApiKey, klass: KeyClass, tokens: int) -> Decision | None:
         """Charge one request of ``tokens`` to every limit of ``key`` and its class; None

@@ -50,6 +50,12 @@ class CommonSettings(BaseSettings):
     result_ttl: int = Field(
         60, gt=0, description="seconds the record of a job whose client waited for it is kept"
     )
+    dead_ttl: int = Field(
+        7 * 86_400,
+        gt=0,
+        description="seconds a dead-lettered job's record (with its request, for a requeue) "
+        "is kept",
+    )
     redis_pool_size: int = Field(
         48, ge=2, description="Redis connections per process (a blocking pool)"
     )
@@ -297,6 +303,20 @@ class GatewaySettings(CommonSettings):
         "whose requests follow a job another gateway runs",
     )
 
+    tenant_quota_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="bytes the jobs of one API key may hold in Redis (request bodies of live "
+        "jobs, results of finished wait=false jobs); new work past it gets a 429 (0: no limit)",
+    )
+    redis_memory_limit: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="share of Redis's maxmemory in use at which new work is refused with a "
+        "503, before Redis refuses writes (read every fleet refresh; 0: never)",
+    )
+
     def resolved_gateway_id(self) -> str:
         return self.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -376,6 +396,12 @@ class WorkerSettings(CommonSettings):
         gt=0,
         description="seconds the worker waits for Ollama's /api/ps (loaded models) before "
         "keeping the last answer; heartbeats never wait on Ollama",
+    )
+    replay_max_messages: int = Field(
+        2048,
+        ge=1,
+        description="streamed chunks of one job kept in Redis for replay; past it the client "
+        "still gets every chunk live, but a gateway that lost messages cannot relay the rest",
     )
     clock_offset: float = Field(
         0.0,

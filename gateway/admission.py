@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from corral.errors import Forbidden, ModelNotFound, RateLimited
+from corral.errors import Forbidden, MemoryFull, ModelNotFound, RateLimited
 from corral.gateway import degrade, inputs
 from corral.gateway.audit import note_job
 from corral.gateway.auth import Principal, principal_of
@@ -84,6 +84,11 @@ async def make_spec(
     if klass.models and model not in klass.models:  # before the fleet's models: no leak
         raise Forbidden(f'model "{body["model"]}" is not allowed for this API key')
     view = state.fleet
+    if view.memory_full:  # read by the fleet refresh, not per request
+        raise MemoryFull(
+            f"server storage nearly full (Redis at {view.memory_share:.0%} of its maxmemory): "
+            "new work is refused until running jobs finish, please try again later"
+        )
     if not await view.has_model(model):
         raise ModelNotFound(str(body["model"]))
     body["model"] = model
@@ -112,6 +117,8 @@ async def make_spec(
         degraded=degraded,
         owner=key.id,
         priority_asked=asked,
+        tenant=key.id,
+        quota=(klass.quota_bytes or settings.tenant_quota_bytes) if key.id else 0,
     )
     note_job(request, spec)
     return spec

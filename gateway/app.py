@@ -113,6 +113,7 @@ def create_app(settings: GatewaySettings) -> FrontDoor:
             interval=settings.fleet_refresh,
             health=health,
             model_grace=settings.model_grace,
+            memory_limit=settings.redis_memory_limit,
         )
         store = JobStore(
             redis,

@@ -125,7 +125,7 @@ class CacheStore:
             if settings.cache_l1_bytes > 0
             else None
         )
-        self._put = redis.register_script(scripts.source("cache_put"))
+        self._put = scripts.Function(redis, "cache_put")
         self.outcomes: Counter[str] = Counter()
         """``hit``, ``miss``, ``bypass``: requests answered this way by this process."""
         self.write_failures = 0

@@ -12,6 +12,11 @@ makes its jobs wait in the queue (where a node will pull them) instead of answer
 A node that left the registry (a graceful stop, or declared dead by the scheduler) takes
 its models with it at once.
 
+The same refresh reads Redis's ``INFO memory``: at ``memory_limit`` of its
+``maxmemory`` (``CORRAL_REDIS_MEMORY_LIMIT``) ``memory_full`` is set and requests are
+refused new work before Redis itself refuses writes (a job half stored, a stream whose
+chunks cannot be kept). A request reads one attribute; no request reads Redis for it.
+
 The same refresh reads the load report the active scheduler publishes (``corral.load``):
 ``level`` and ``load`` are plain attributes, so a request reads them for free. A report
 that cannot be re-read is kept no longer than its own TTL, then the level falls to 0.
@@ -24,6 +29,7 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from corral import fleet, keys, loops
 from corral.load import NO_LOAD, LoadReport
@@ -46,6 +52,7 @@ class FleetView:
         interval: float,
         health: LoopHealth,
         model_grace: float = 60.0,
+        memory_limit: float = 0.0,
     ) -> None:
         self.redis = redis
         self.gateway_id = gateway_id
@@ -66,6 +73,11 @@ class FleetView:
         self.level = 0
         """``load.level``, the degradation level requests apply."""
         self._load_read_at = 0.0  # monotonic
+        self.memory_limit = memory_limit
+        self.memory_share = 0.0
+        """Redis's used_memory / maxmemory at the last refresh (0 without a maxmemory)."""
+        self.memory_full = False
+        """Whether new work is refused: ``memory_share`` reached ``memory_limit``."""
 
     async def start(self) -> None:
         self.health.register(LOOP, stale_after=max(5 * self.interval, 10.0))
@@ -86,6 +98,8 @@ class FleetView:
                 current = await fleet.read_fleet(self.redis, self.node_ttl)
                 await fleet.touch(self.redis, keys.GATEWAYS, self.gateway_id)
                 self._set_load(LoadReport.decode(await self.redis.get(keys.LOAD)))
+                if self.memory_limit > 0:
+                    await self._read_memory()
             except Exception:
                 self._expire_load()
                 raise
@@ -106,6 +120,30 @@ class FleetView:
             )
         self.load, self.level = report, report.level
         self._load_read_at = time.monotonic()
+
+    async def _read_memory(self) -> None:
+        try:
+            info = await self.redis.info("memory")
+        except ResponseError as exc:
+            # A Redis without INFO (the embedded one of `make demo`) or a user not granted
+            # it: no guard, rather than no gateway.
+            log.warning("cannot read Redis memory (%s): the memory guard is off", exc)
+            self.memory_limit = 0.0
+            return
+        self._set_memory(info)
+
+    def _set_memory(self, info: dict[str, object]) -> None:
+        limit = int(str(info.get("maxmemory", 0)))
+        used = int(str(info.get("used_memory", 0)))
+        self.memory_share = used / limit if limit > 0 else 0.0
+        full = limit > 0 and self.memory_share >= self.memory_limit
+        if full != self.memory_full:
+            log.warning(
+                "Redis memory at %.0f%% of maxmemory: new work %s",
+                100 * self.memory_share,
+                "refused" if full else "accepted again",
+            )
+        self.memory_full = full
 
     def _expire_load(self) -> None:
         """Redis unreadable: keep the last report only while it is valid (its TTL from

@@ -304,10 +304,11 @@ class Flight:
             try:
                 async with cache.redis.pipeline(transaction=True) as pipe:
                     pipe.lrange(out, offset, -1)
-                    pipe.hmget(record, "state", "result", "error", "status")
+                    pipe.hmget(record, "state", "result", "error", "status", "replay_cut")
                     pipe.get(lock)
                     pipe.set(keys.cache_followed(self.key), cache.gateway_id, px=followed_ms)
-                    messages, (state, result, error, status), holder, _ = await pipe.execute()
+                    messages, fields, holder, _ = await pipe.execute()
+                    state, result, error, status, cut = fields
             except (RedisError, OSError) as exc:
                 # Redis away for a moment: read again later (each request waiting here
                 # still ends at its own time limit).
@@ -320,7 +321,15 @@ class Flight:
             if self.complete:
                 return True
             if state in _ENDED:
-                if state == b"done" and result is not None:
+                if cut and offset > 0:
+                    # The worker kept only the first chunks of this long answer: the
+                    # record's whole answer would repeat what was sent. Its leader has
+                    # cached it by now, so the request asked again is answered whole.
+                    self._deliver_error(
+                        "the answer was too long to relay from another gateway; please try again",
+                        503,
+                    )
+                elif state == b"done" and result is not None:
                     self._deliver(Reply(job_id, protocol.UNSEQUENCED, protocol.DONE, result))
                 else:
                     text = (error or b"job failed").decode()

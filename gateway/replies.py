@@ -129,10 +129,10 @@ class ReplyRouter:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.lrange(keys.output(job_id), 0, -1)
-                pipe.hmget(keys.job(job_id), "state", "result", "error", "status")
+                pipe.hmget(keys.job(job_id), "state", "result", "error", "status", "replay_cut")
             fetched = await pipe.execute()
         for index, job_id in enumerate(ids):
-            output, (state, result, error, status) = fetched[2 * index], fetched[2 * index + 1]
+            output, (state, result, error, status, cut) = fetched[2 * index], fetched[2 * index + 1]
             queue = self.waiters.get(job_id)
             if queue is None:
                 continue
@@ -140,6 +140,17 @@ class ReplyRouter:
                 queue.put_nowait(protocol.decode(message))
             if output and output[-1].split(b" ", 3)[2] != protocol.CHUNK:
                 continue  # the replayed stream already ends with its final message
+            if cut:
+                # Chunks past the replay cap that this gateway missed are nowhere to be
+                # had: end the answer now rather than leave a gap the relay would wait
+                # on, or repeat what was sent with the record's whole answer.
+                payload = protocol.error_payload(
+                    "part of a long streamed answer was lost (Redis connection lost); "
+                    "please try again",
+                    502,
+                )
+                queue.put_nowait(Reply(job_id, protocol.UNSEQUENCED, protocol.ERROR, payload))
+                continue
             if state == b"done" and result is not None:
                 queue.put_nowait(Reply(job_id, protocol.UNSEQUENCED, protocol.DONE, result))
             elif state in (b"failed", b"cancelled", b"expired", b"dead"):

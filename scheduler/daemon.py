@@ -18,6 +18,7 @@ from corral import keys
 from corral.connections import TRANSIENT_REDIS_ERRORS, server_time
 from corral.jobs import JobStore
 from corral.loops import Backoff
+from corral.rqjson import SERIALIZER
 from corral.scheduler import housekeeping, reclaim
 from corral.scheduler.lease import Lease
 from corral.scheduler.levels import Levels
@@ -42,11 +43,12 @@ class Scheduler:
         self.lease = Lease(redis, self.id, settings.lease_ttl)
         self.retries = RetryScheduler(
             redis,
-            Queue(keys.RETRY_QUEUE, connection=rq_redis),
+            Queue(keys.RETRY_QUEUE, connection=rq_redis, serializer=SERIALIZER),
             Backoff(settings.retry_base, settings.retry_cap),
             max_attempts=settings.max_attempts,
             job_ttl=settings.job_ttl,
             result_ttl=settings.result_ttl,
+            dead_ttl=settings.dead_ttl,
         )
         self.levels = Levels(settings)
         self._stop = asyncio.Event()

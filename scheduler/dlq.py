@@ -20,6 +20,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 
 from corral import keys
+from corral.rqjson import SERIALIZER
 from corral.settings import CommonSettings
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         **({"redis_url": args.redis_url} if args.redis_url else {})
     ).redis_url
     connection = Redis.from_url(url)
-    registry = FailedJobRegistry(queue=Queue(keys.RETRY_QUEUE, connection=connection))
+    queue = Queue(keys.RETRY_QUEUE, connection=connection, serializer=SERIALIZER)
+    registry = FailedJobRegistry(queue=queue)
     try:
         if args.action == "list":
             return _list(registry, args.json)
@@ -69,7 +71,7 @@ def dead_letters(registry: FailedJobRegistry) -> list[dict[str, Any]]:
     letters = []
     for rq_id in registry.get_job_ids():
         try:
-            job = Job.fetch(rq_id, connection=registry.connection)
+            job = Job.fetch(rq_id, connection=registry.connection, serializer=SERIALIZER)
         except NoSuchJobError:
             continue
         result = job.latest_result()
@@ -119,7 +121,7 @@ def _select(registry: FailedJobRegistry, ids: list[str], every: bool) -> list[st
 
 
 def _purge(registry: FailedJobRegistry, connection: Redis, rq_id: str) -> None:
-    job = Job.fetch(rq_id, connection=connection)
+    job = Job.fetch(rq_id, connection=connection, serializer=SERIALIZER)
     corral_job = job.meta.get("corral_job")
     registry.remove(job, delete_job=True)
     if corral_job:  # the record of a dead job is kept until purged; let it expire now

@@ -10,8 +10,8 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from corral import keys
+from corral.scripts import Function, argv
 from corral.scripts import Lease as LeaseArgs
-from corral.scripts import argv, source
 
 
 class Lease:
@@ -19,8 +19,8 @@ class Lease:
         self.redis = redis
         self.holder = holder
         self.ttl_ms = int(ttl * 1000)
-        self._renew = redis.register_script(source("lease_renew"))
-        self._release = redis.register_script(source("lease_release"))
+        self._renew = Function(redis, "lease_renew")
+        self._release = Function(redis, "lease_release")
         self.held = False
 
     async def acquire_or_renew(self) -> bool:

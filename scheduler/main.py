@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from redis import Redis as SyncRedis
@@ -12,6 +13,7 @@ from redis import Redis as SyncRedis
 from corral import connections, logs, signals
 from corral.children import Child
 from corral.cli import run_command
+from corral.scheduler import rq_worker
 from corral.scheduler.daemon import Scheduler
 from corral.settings import SchedulerSettings
 from corral.tasks import cancel_and_wait
@@ -72,10 +74,14 @@ def start_rq_worker(settings: SchedulerSettings) -> Child:
 
     It stays in our process group, as systemd's cgroup would keep it: a SIGKILL of the
     scheduler's group (a crash of its host, in the chaos run) takes it too.
+
+    The Redis URL, password included, goes in its environment: on the command line any
+    user of the host could read it with ``ps``.
     """
     command = [sys.executable, "-m", "corral.scheduler.rq_worker"]
-    command += ["--redis-url", settings.redis_url, "--log-level", settings.log_level]
-    return Child("rq-worker", command, own_session=False)
+    command += ["--log-level", settings.log_level]
+    env = {**os.environ, rq_worker.REDIS_URL_ENV: settings.redis_url}
+    return Child("rq-worker", command, own_session=False, env=env)
 
 
 if __name__ == "__main__":

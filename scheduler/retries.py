@@ -23,6 +23,7 @@ from rq.registry import ScheduledJobRegistry
 from corral import keys
 from corral.connections import server_time, text
 from corral.loops import Backoff
+from corral.rqjson import SERIALIZER
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class RetryScheduler:
         *,
         max_attempts: int,
         job_ttl: int,
+        dead_ttl: int = 7 * 86_400,
         result_ttl: int,
         rng: random.Random | None = None,
     ) -> None:
@@ -61,6 +63,7 @@ class RetryScheduler:
         self.backoff = backoff
         self.max_attempts = max_attempts
         self.job_ttl = job_ttl
+        self.dead_ttl = dead_ttl
         self.result_ttl = result_ttl
         self.rng = rng or random.Random()
 
@@ -124,7 +127,7 @@ class RetryScheduler:
     def _rq_status(self, job_id: str, attempt: int) -> str | None:
         rq_id = rq_job_id(job_id, attempt)
         try:
-            job = Job.fetch(rq_id, connection=self.queue.connection)
+            job = Job.fetch(rq_id, connection=self.queue.connection, serializer=SERIALIZER)
         except NoSuchJobError:
             return None
         status = job.get_status(refresh=False)
@@ -173,6 +176,7 @@ class RetryScheduler:
             max_attempts,
             self.job_ttl,
             self.result_ttl,
+            self.dead_ttl,
             job_id=rq_job_id(job_id, attempt),
             description=f"{'dead-letter' if last else 'retry'} corral job {job_id} "
             f"({name}, after attempt {attempt})",

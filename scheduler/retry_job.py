@@ -21,14 +21,19 @@ from rq import get_current_job
 
 from corral import keys, protocol
 from corral.jobs import DOORBELL_CAP
-from corral.scripts import Bury, Revive, argv, source
+from corral.scripts import Bury, Revive, SyncFunction, argv
+
+DEAD_TTL = 7 * 86_400
+"""Dead-letter record TTL (s) for an RQ job enqueued by a Corral that did not pass one."""
 
 
 class DeadLetter(Exception):
     """Raised on purpose so RQ records the job as failed: it carries the failure history."""
 
 
-def revive(job_id: str, max_attempts: int, job_ttl: int, result_ttl: int) -> str:
+def revive(
+    job_id: str, max_attempts: int, job_ttl: int, result_ttl: int, dead_ttl: int = DEAD_TTL
+) -> str:
     current = get_current_job()
     if current is None:
         raise RuntimeError("revive() must run inside an RQ worker")
@@ -48,13 +53,13 @@ def revive(job_id: str, max_attempts: int, job_ttl: int, result_ttl: int) -> str
     seconds, micros = redis.time()  # deadlines are on Redis's clock
     if deadline and 0 < float(deadline) < seconds + micros / 1e6:
         _bury(redis, job_id, "expired", "job deadline passed while it waited for a retry", 408,
-              job_ttl, result_ttl)  # fmt: skip
+              job_ttl, result_ttl, dead_ttl)  # fmt: skip
         return f"job {job_id} expired"
     if int(attempts or 0) >= max_attempts:
         message = f"gave up after {attempts} attempt(s)"
         if last_error:
             message += f"; the last failed with: {last_error}"
-        _bury(redis, job_id, "dead", message, 503, job_ttl, result_ttl)
+        _bury(redis, job_id, "dead", message, 503, job_ttl, result_ttl, dead_ttl)
         raise DeadLetter(f"job {job_id} ({model}) {message}; history:\n{history or ''}")
     return _requeue(redis, job_id, model, prio, ("retrying",), reset=False)
 
@@ -70,7 +75,7 @@ def _requeue(
 ) -> str:
     assert model is not None
     priority = int(prio or keys.DEFAULT_PRIORITY)
-    script = redis.register_script(source("revive"))
+    script = SyncFunction(redis, "revive")
     entry = script(
         keys=[
             keys.job(job_id),
@@ -96,9 +101,16 @@ def _requeue(
 
 
 def _bury(
-    redis: Redis, job_id: str, state: str, error: str, status: int, job_ttl: int, result_ttl: int
+    redis: Redis,
+    job_id: str,
+    state: str,
+    error: str,
+    status: int,
+    job_ttl: int,
+    result_ttl: int,
+    dead_ttl: int,
 ) -> None:
-    script = redis.register_script(source("bury"))
+    script = SyncFunction(redis, "bury")
     script(
         keys=[keys.job(job_id), keys.STATS, keys.RETRY_SCHEDULED],
         args=argv(
@@ -111,6 +123,7 @@ def _bury(
                 job_ttl=job_ttl,
                 result_ttl=result_ttl,
                 reply_prefix=keys.reply_channel(""),
+                dead_ttl=dead_ttl,
             )
         ),
     )

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
+
 T = TypeVar("T")
 
 
@@ -29,3 +31,19 @@ async def until_value(probe: Callable[[], Awaitable[T]], within: float = 10.0) -
         while not (value := await probe()):  # noqa: ASYNC110 - no event to wait on
             await asyncio.sleep(0.05)
     return value
+
+
+def record_requests(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    """The request body of every job enqueued from now on, by job id (a finished job's
+    record no longer holds it)."""
+    from corral.jobs import JobSpec, JobStore
+
+    seen: dict[str, bytes] = {}
+    enqueue = JobStore.enqueue
+
+    async def recording(self: JobStore, spec: JobSpec, *, max_queue: int) -> int:
+        seen[spec.job_id] = spec.request
+        return await enqueue(self, spec, max_queue=max_queue)
+
+    monkeypatch.setattr(JobStore, "enqueue", recording)
+    return seen

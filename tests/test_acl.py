@@ -1,9 +1,11 @@
 """The shipped ACL file (deploy/users.acl) lets each role do its whole job and no more.
 
-A real ``redis-server`` loads the file as shipped, with its CHANGE-ME passwords replaced;
-the gateway, the worker and the scheduler (its RQ worker child included) each run as
-their own user through a request, a retry, a dead letter and its requeue, while
-``ACL LOG`` records every command, key or channel Redis refused anyone.
+A real ``redis-server`` loads the file as shipped, with its CHANGE-ME passwords replaced,
+and the admin loads Corral's Functions library (``corral redis-setup``); the gateway,
+the worker and the scheduler (its RQ worker child included) each run as their own user
+through a request, a retry, a dead letter and its requeue, while ``ACL LOG`` records
+every command, key or channel Redis refused anyone. Each role is refused what the
+threat model (README "Security") says it cannot do.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.retry import Retry
 from rq import Queue
 from rq.registry import FailedJobRegistry
 
-from corral import keys
+from corral import keys, scripts
 from corral.scheduler import dlq
 from corral.scheduler.retries import rq_job_id
 from corral.snapshot import dead_letter_key
@@ -80,7 +82,13 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
         extra_args=["--aclfile", str(path)], auth=("admin", passwords["admin"])
     ).start()
     try:
-        yield AclRedis(server, passwords)
+        acl = AclRedis(server, passwords)
+        admin = acl.client("admin")
+        try:
+            scripts.load_sync(admin)  # what `corral redis-setup` does
+        finally:
+            admin.close()
+        yield acl
     finally:
         server.stop()
 
@@ -181,6 +189,23 @@ FORBIDDEN: dict[str, Callable[[redis_sync.Redis], object]] = {
     "ACL LIST": lambda r: r.acl_list(),
     "CLIENT LIST": lambda r: r.client_list(),
     "FUNCTION FLUSH": lambda r: r.function_flush(),
+    # No arbitrary Lua: a CPU-bound script would freeze Redis for everyone.
+    "EVAL": lambda r: r.eval("return 1", 0),
+    "EVALSHA": lambda r: r.evalsha("e0e1f9fabfc9d4800c877a703b823ac0578ff8db", 0),
+    "EVAL_RO": lambda r: r.eval_ro("return 1", 0),
+    "SCRIPT LOAD": lambda r: r.script_load("return 1"),
+    "FUNCTION LOAD": lambda r: r.function_load(
+        "#!lua name=intruder\nredis.register_function('intruder', function() return 1 end)"
+    ),
+    "FUNCTION DELETE": lambda r: r.function_delete(f"corral_{scripts.version()}"),
+    # No deleting what is not its own to delete, nor taking entries from the group.
+    "DEL a queue stream": lambda r: r.delete("corral:q:{m}:p5"),
+    "DEL a job record": lambda r: r.delete("corral:job:0123"),
+    "UNLINK a queue stream": lambda r: r.unlink("corral:q:{m}:p5"),
+    "XGROUP DESTROY": lambda r: r.xgroup_destroy("corral:q:{m}:p5", "corral"),
+    "XGROUP SETID": lambda r: r.xgroup_setid("corral:q:{m}:p5", "corral", "$"),
+    "RENAME a queue stream": lambda r: r.rename("corral:q:{m}:p5", "corral:x"),
+    "MOVE": lambda r: r.move("corral:stats", 1),
 }
 
 
@@ -215,6 +240,11 @@ ROLE_LIMITS: dict[str, dict[str, Callable[[redis_sync.Redis], object]]] = {
         "XDEL": lambda r: r.xdel("corral:q:{m}:p5", "0-1"),
         "write the dead-letter registry": lambda r: r.zadd(dead_letter_key(), {"x": 1}),
         "read an RQ job": lambda r: r.hgetall("rq:job:corral-x-1"),
+        "XGROUP DELCONSUMER": lambda r: r.xgroup_delconsumer("corral:q:{m}:p5", "corral", "n"),
+        "PSUBSCRIBE every Corral channel": lambda r: _subscribe(r, "corral:*", pattern=True),
+        "PSUBSCRIBE every reply channel": lambda r: _subscribe(r, "corral:reply:*", pattern=True),
+        "SUBSCRIBE outside reply channels": lambda r: _subscribe(r, "corral:other"),
+        "DEL the node registry": lambda r: r.delete(keys.NODES),
     },
     "worker": {
         "XTRIM": lambda r: r.xtrim("corral:q:{m}:p5", minid="0-1"),
@@ -222,6 +252,12 @@ ROLE_LIMITS: dict[str, dict[str, Callable[[redis_sync.Redis], object]]] = {
         "XGROUP DESTROY": lambda r: r.xgroup_destroy("corral:q:{m}:p5", "corral"),
         "read the dead-letter registry": lambda r: r.zcard(dead_letter_key()),
         "read an RQ job": lambda r: r.hgetall("rq:job:corral-x-1"),
+        "write an RQ job": lambda r: r.hset("rq:job:corral-x-1", "data", "x"),
+        "XGROUP DELCONSUMER": lambda r: r.xgroup_delconsumer("corral:q:{m}:p5", "corral", "n"),
+        "PSUBSCRIBE every Corral channel": lambda r: _subscribe(r, "corral:*", pattern=True),
+        "SUBSCRIBE outside its channels": lambda r: _subscribe(r, "corral:other"),
+        "DEL the retry inbox": lambda r: r.delete(keys.RETRY_INBOX),
+        "DEL a cache entry": lambda r: r.delete(keys.cache_entry("x")),
     },
     "scheduler": {
         "SUBSCRIBE outside RQ's command channels": lambda r: _subscribe(r, "rq:other"),
@@ -282,17 +318,19 @@ def test_no_role_may_stop_or_reconfigure_redis(
     assert verdict != b"OK" and b"no permissions" in verdict
 
 
-async def test_every_role_may_read_the_redis_clock_directly_and_in_scripts(
+async def test_every_role_may_read_the_redis_clock_directly_and_call_corrals_functions(
     acl: AclRedis,
 ) -> None:
+    touch = scripts.function_name("touch")
     for role in ROLES:
         client = acl.client(role)
         try:
             seconds, _micros = client.time()
-            scripted = client.eval("return redis.call('TIME')", 0)
+            # touch.lua scores a member with Redis's time and answers it
+            stamped = client.fcall(touch, 1, keys.GATEWAYS, b'{"member": "gw-clock"}')
         finally:
             client.close()
-        assert seconds > 0 and int(scripted[0]) >= seconds
+        assert seconds > 0 and float(stamped) >= seconds
 
 
 def test_the_scheduler_may_inspect_streams_and_the_worker_claim_from_them(
@@ -319,3 +357,19 @@ def test_the_scheduler_may_inspect_streams_and_the_worker_claim_from_them(
         worker.close()
         scheduler.close()
     assert acl.denials() == []
+
+
+def test_a_role_is_told_to_run_redis_setup_when_corrals_functions_are_missing(
+    acl: AclRedis,
+) -> None:
+    admin, gateway = acl.client("admin"), acl.client("gateway")
+    admin.function_delete(f"corral_{scripts.version()}")
+    try:
+        touch = scripts.SyncFunction(gateway, "touch")
+        with pytest.raises(ResponseError, match="run `corral redis-setup`"):
+            touch([keys.GATEWAYS], [b'{"member": "gw-x"}'])  # it may not load them itself
+    finally:
+        scripts.load_sync(admin)
+        admin.close()
+        gateway.close()
+    assert [d["object"] for d in acl.denials()] == ["function|load"]

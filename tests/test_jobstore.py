@@ -16,6 +16,7 @@ from corral import keys
 from corral.batching import ScriptBatcher
 from corral.jobs import JobSpec, JobStore
 from corral.keys import JobKind
+from corral.scripts import Function
 
 MODEL = "llama3:latest"
 
@@ -97,7 +98,7 @@ async def test_a_failed_batch_fails_every_caller_and_a_cancelled_caller_spares_t
         port = probe.getsockname()[1]
     dead = Redis(port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     try:
-        script = dead.register_script("return 1")
+        script = Function(dead, "touch")
         failing = ScriptBatcher(dead)
         results = await asyncio.gather(
             *(failing.call(script, [], []) for _ in range(3)), return_exceptions=True
@@ -108,7 +109,13 @@ async def test_a_failed_batch_fails_every_caller_and_a_cancelled_caller_spares_t
         await dead.aclose()
 
     batcher = ScriptBatcher(redis)
-    echo = redis.register_script("return ARGV[1]")
+    await redis.function_load(
+        "#!lua name=test_echo\n"
+        "redis.register_function('test_echo', function(keys, args) return args[1] end)",
+        replace=True,
+    )
+    echo = Function(redis, "touch")
+    echo.name = "test_echo"
     calls = [asyncio.create_task(batcher.call(echo, [], [str(i)])) for i in range(3)]
     await asyncio.sleep(0)  # all three are queued for the same pipeline
     calls[1].cancel()

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from corral import keys
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
+from tests.helpers import record_requests
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 
@@ -430,7 +431,7 @@ async def test_wrong_types_name_the_field_in_openai_errors(
 
 
 async def test_translation_is_forwarded_with_numbers_as_sent(
-    cluster: LocalCluster, redis: Redis
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Checked, then translated from the body as sent: integers stay integers, and fields
     Corral does not translate (``user``, ``n``) are left out as Ollama's layer leaves them."""
@@ -445,10 +446,11 @@ async def test_translation_is_forwarded_with_numbers_as_sent(
         "n": 1,
         "response_format": {"type": "json_object"},
     }
+    sent = record_requests(monkeypatch)
     async with httpx.AsyncClient(base_url=cluster.url + "/v1", timeout=10) as http:
         response = await http.post("/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    forwarded = await redis.hget(keys.job(response.headers["x-corral-job-id"]), "req")
+    forwarded = sent[response.headers["x-corral-job-id"]]
     assert forwarded == (
         b'{"model":"llama3:latest","messages":[{"role":"user","content":"hi"}],'
         b'"options":{"temperature":1,"top_p":0.5,"stop":["\\n"],"num_predict":4},'

@@ -24,6 +24,7 @@ from rq.registry import FailedJobRegistry
 from corral import fleet, keys
 from corral.jobs import JobStore
 from corral.loops import Backoff
+from corral.rqjson import SERIALIZER
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
 from corral.tooling.redis_proc import free_port
@@ -93,13 +94,15 @@ async def test_dead_letter_after_attempts_then_requeue_completes(
     assert "gave up after 2 attempt(s)" in failure.value.error
     assert "injected failure" in failure.value.error  # the last backend reason, named
     registry = FailedJobRegistry(
-        queue=Queue(keys.RETRY_QUEUE, connection=SyncRedis.from_url(redis_url))
+        queue=Queue(
+            keys.RETRY_QUEUE, connection=SyncRedis.from_url(redis_url), serializer=SERIALIZER
+        )
     )
     await until(lambda: _dead_letter_count(registry), 1)  # filed just after the client heard
     letters = registry.get_job_ids()
     from rq.job import Job
 
-    letter = Job.fetch(letters[0], connection=registry.connection)
+    letter = Job.fetch(letters[0], connection=registry.connection, serializer=SERIALIZER)
     job_id = letter.meta["corral_job"]
     assert await _job_state(redis, job_id) == "dead"
     # Dead-lettered jobs no longer count as scheduled retries (corral_retry_scheduled_jobs).
@@ -391,10 +394,12 @@ async def test_rq_dashboard_requeue_sends_a_dead_job_back_through_the_fleet(
     job_id = submitted.json()["id"]
     await until(lambda: _job_state(redis, job_id), "dead")
     sync = SyncRedis.from_url(redis_url)
-    registry = FailedJobRegistry(queue=Queue(keys.RETRY_QUEUE, connection=sync))
+    registry = FailedJobRegistry(
+        queue=Queue(keys.RETRY_QUEUE, connection=sync, serializer=SERIALIZER)
+    )
     await until(lambda: _dead_letter_count(registry), 1)
     rq_id = registry.get_job_ids()[0]
-    assert Job.fetch(rq_id, connection=sync).meta["corral_job"] == job_id
+    assert Job.fetch(rq_id, connection=sync, serializer=SERIALIZER).meta["corral_job"] == job_id
 
     app = Flask("dashboard")
     app.config.from_object(rq_dashboard.default_settings)
@@ -429,14 +434,16 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
     assert claimed is not None and await store.retry(claimed, "node-a", "boom", 500)
     sync = SyncRedis.from_url(redis_url)
     retries = RetryScheduler(
-        redis, Queue(keys.RETRY_QUEUE, connection=sync), Backoff(1.0, 1.0),
+        redis, Queue(keys.RETRY_QUEUE, connection=sync, serializer=SERIALIZER), Backoff(1.0, 1.0),
         max_attempts=3, job_ttl=60, result_ttl=60,
     )  # fmt: skip
     # A pass that died after taking the id still has it in the processing list.
     await redis.lmove(keys.RETRY_INBOX, keys.RETRY_PROCESSING, "LEFT", "RIGHT")
     assert await retries.drain() == 1
     rq_id = rq_job_id(spec.job_id, 1)
-    assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
+    assert (
+        Job.fetch(rq_id, connection=sync, serializer=SERIALIZER).get_status() == JobStatus.SCHEDULED
+    )
     due = await redis.zscore(keys.RETRY_SCHEDULED, spec.job_id)
     assert due is not None
 
@@ -444,11 +451,13 @@ async def test_a_retry_whose_rq_job_was_lost_is_scheduled_again(
     assert await retries.sweep_lost(now=due + LOST_AFTER + 1) == 0
     assert await redis.llen(keys.RETRY_INBOX) == 0
     # Its RQ job deleted (by hand from rq-dashboard, say): the retry is scheduled again.
-    Job.fetch(rq_id, connection=sync).delete()
+    Job.fetch(rq_id, connection=sync, serializer=SERIALIZER).delete()
     assert await retries.sweep_lost(now=due + 10 * LOST_AFTER) == 1
     assert await redis.lrange(keys.RETRY_INBOX, 0, -1) == [spec.job_id.encode()]
     assert await retries.drain() == 1
-    assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
+    assert (
+        Job.fetch(rq_id, connection=sync, serializer=SERIALIZER).get_status() == JobStatus.SCHEDULED
+    )
     # Once the job has moved on, the sweep forgets it.
     await redis.hset(keys.job(spec.job_id), "state", "queued")
     assert await retries.sweep_lost(now=due + 100 * LOST_AFTER) == 0

@@ -151,7 +151,7 @@ async def test_a_chunk_goes_out_only_with_its_record_while_redis_refuses_writes(
     await redis.config_set("maxmemory-policy", "noeviction")
     await redis.config_set("maxmemory", "1")
     try:
-        sending = asyncio.create_task(worker._forward(job, channel, message, first=True))
+        sending = asyncio.create_task(worker._forward(job, channel, message, seq=0))
 
         async def refused_twice() -> bool:
             return any("oomjob failed (try 2)" in r.getMessage() for r in caplog.records)

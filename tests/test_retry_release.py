@@ -16,6 +16,7 @@ from corral import keys
 from corral.jobs import JobSpec, JobStore
 from corral.keys import JobKind
 from corral.loops import Backoff
+from corral.rqjson import SERIALIZER
 from corral.scheduler.retries import LOST_AFTER, RetryScheduler, rq_job_id
 
 NOW = Backoff(0.0, 0.0)
@@ -35,7 +36,7 @@ async def sync(redis_url: str) -> AsyncIterator[SyncRedis]:
 
 
 def queue(sync: SyncRedis) -> Queue:
-    return Queue(keys.RETRY_QUEUE, connection=sync)
+    return Queue(keys.RETRY_QUEUE, connection=sync, serializer=SERIALIZER)
 
 
 def retries(redis: Redis, sync: SyncRedis, backoff: Backoff) -> RetryScheduler:
@@ -62,9 +63,11 @@ async def test_a_due_retry_is_queued_and_a_later_one_waits(redis: Redis, sync: S
 
     assert await retries(redis, sync, NOW).release_due() == 1
     assert queue(sync).get_job_ids() == [due]
-    assert Job.fetch(due, connection=sync).get_status() == JobStatus.QUEUED
+    assert Job.fetch(due, connection=sync, serializer=SERIALIZER).get_status() == JobStatus.QUEUED
     assert later in queue(sync).scheduled_job_registry
-    assert Job.fetch(later, connection=sync).get_status() == JobStatus.SCHEDULED
+    assert (
+        Job.fetch(later, connection=sync, serializer=SERIALIZER).get_status() == JobStatus.SCHEDULED
+    )
 
 
 async def test_retries_released_by_two_schedulers_at_once_are_queued_once(
@@ -86,7 +89,9 @@ async def test_an_entry_whose_rq_job_is_gone_leaves_the_registry(
     redis: Redis, sync: SyncRedis
 ) -> None:
     rq_id = await failed_once(redis, retries(redis, sync, NOW))
-    sync.delete(Job.fetch(rq_id, connection=sync).key)  # expired, or deleted by hand
+    sync.delete(
+        Job.fetch(rq_id, connection=sync, serializer=SERIALIZER).key
+    )  # expired, or deleted by hand
 
     assert await retries(redis, sync, NOW).release_due() == 0
     assert rq_id not in queue(sync).scheduled_job_registry
@@ -104,7 +109,9 @@ async def test_a_release_that_died_halfway_is_scheduled_again(
     # The release took it off the registry and died before putting it on the queue: RQ
     # still calls it scheduled, but nothing will ever run it.
     queue(sync).scheduled_job_registry.remove(rq_id)
-    assert Job.fetch(rq_id, connection=sync).get_status() == JobStatus.SCHEDULED
+    assert (
+        Job.fetch(rq_id, connection=sync, serializer=SERIALIZER).get_status() == JobStatus.SCHEDULED
+    )
 
     assert await scheduler.sweep_lost(now=due + 10 * LOST_AFTER) == 1
     assert await redis.lrange(keys.RETRY_INBOX, 0, -1) == [job_id.encode()]

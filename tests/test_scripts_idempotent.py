@@ -131,6 +131,7 @@ async def test_a_resent_cancel_answers_the_state_the_job_was_in(redis: Redis) ->
         result_ttl=60,
         cancel_prefix=keys.cancel_channel(""),
         reply_prefix=keys.reply_channel(""),
+        queue_prefix=keys.QUEUE_PREFIX,
     )
     call = {"keys": [keys.job(spec.job_id), keys.STATS], "args": argv(named)}
     assert await store.scripts.cancel(**call) == b"queued"
@@ -303,7 +304,7 @@ async def test_burying_and_cancelling_tell_the_gateway_once(redis: Redis, redis_
         client = redis_sync.Redis.from_url(redis_url)
         try:
             for _ in range(2):
-                retry_job._bury(client, dying.job_id, "dead", "gave up", 503, 60, 60)
+                retry_job._bury(client, dying.job_id, "dead", "gave up", 503, 60, 60, 600)
         finally:
             client.close()
 
@@ -315,6 +316,7 @@ async def test_burying_and_cancelling_tell_the_gateway_once(redis: Redis, redis_
         protocol.encode_error(leaving.job_id, protocol.UNSEQUENCED, "client went away", 499),
     ]
     assert await redis.hget(keys.job(dying.job_id), "state") == b"dead"
+    assert 0 < await redis.ttl(keys.job(dying.job_id)) <= 600  # a dead letter expires too
     assert await redis.hget(keys.STATS, "dead") == b"1"
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -366,7 +368,7 @@ async def _every_script(redis: Redis, url: str) -> None:
             retry_job._requeue(client, failing.job_id, MODEL, "5", ("retrying",), reset=False)
             assert client.hget(keys.job(failing.job_id), "state") == b"queued"
             assert client.hset(keys.job(failing.job_id), "state", "retrying") == 0
-            retry_job._bury(client, failing.job_id, "dead", "gave up", 503, 60, 60)
+            retry_job._bury(client, failing.job_id, "dead", "gave up", 503, 60, 60, 600)
         finally:
             client.close()
 

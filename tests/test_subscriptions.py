@@ -112,6 +112,41 @@ async def test_replies_published_while_the_subscription_was_killed_are_replayed(
     assert cluster.gateway.state.router.subscription.resubscriptions >= 1
 
 
+async def test_a_stream_past_its_replay_cap_ends_with_an_error_when_replies_were_lost(
+    proxy: TcpProxy, start_cluster: StartCluster, redis: Redis
+) -> None:
+    """The worker keeps only the first CORRAL_REPLAY_MAX_MESSAGES chunks for replay: a
+    gateway that lost chunks past the cap ends its client's answer with an error line,
+    not a gap it would wait on until the timeout, nor the whole text a second time."""
+    cluster = await start_cluster(
+        [FakeOllamaConfig(token_rate=20)], worker={"replay_max_messages": 3}
+    )
+    words = _words(40)
+    received: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, timeout=30) as http,
+        http.stream("POST", "/api/generate", json={"model": "llama3", "prompt": words}) as reply,
+    ):
+        job_id = reply.headers["x-corral-job-id"]
+        lines = reply.aiter_lines()
+        received += [await anext(lines) for _ in range(5)]  # past the cap
+        proxy.hold_new()
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+        async def state() -> bytes | None:
+            return await redis.hget(keys.job(job_id), "state")
+
+        await until(state, b"done")  # the rest went out while nobody heard it
+        proxy.release()
+        async with asyncio.timeout(20):
+            received += [line async for line in lines]
+    last = json.loads(received[-1])
+    assert "part of a long streamed answer was lost" in last["error"]
+    text = "".join(json.loads(line).get("response", "") for line in received if line)
+    assert text.count("echo:") == 1 and f"echo: {words}" not in text
+    assert await redis.llen(keys.output(job_id)) == 3
+
+
 async def test_a_silent_reply_subscription_is_replaced_within_seconds(
     proxy: TcpProxy, start_cluster: StartCluster
 ) -> None:

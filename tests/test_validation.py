@@ -15,6 +15,7 @@ from starlette.routing import Route
 from corral.gateway.routes import jobs, ollama, openai, status
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
+from tests.helpers import record_requests
 
 LIMIT = 4096
 
@@ -184,7 +185,9 @@ async def test_nested_wrong_types_name_the_field(
     await _nothing_enqueued(redis)
 
 
-async def test_valid_bodies_reach_the_node_as_sent(http: httpx.AsyncClient, redis: Redis) -> None:
+async def test_valid_bodies_reach_the_node_as_sent(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Validation never reshapes: fields and options Corral does not know, and numbers in
     the form Ollama accepts (4096.0 for an integer option), are forwarded untouched."""
     raw = (
@@ -192,9 +195,10 @@ async def test_valid_bodies_reach_the_node_as_sent(http: httpx.AsyncClient, redi
         b' "options": {"num_ctx": 4096.0, "num_predict": 3, "mystery_option": "kept",'
         b' "temperature": 0, "stop": null}, "keep_alive": "5m", "format": "", "shift": true}'
     )
+    sent = record_requests(monkeypatch)
     response = await http.post("/api/generate", content=raw)
     assert response.status_code == 200, response.text
-    forwarded = await redis.hget(f"corral:job:{response.headers['x-corral-job-id']}", "req")
+    forwarded = sent[response.headers["x-corral-job-id"]]
     # What the gateway has always sent: the body as parsed, with the model's full name and
     # ``stream: true`` (workers always stream from Ollama).
     expected = orjson.loads(raw) | {"model": "llama3:latest", "stream": True}

@@ -26,7 +26,6 @@ import socket
 import tempfile
 import threading
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol, Self
@@ -415,21 +414,19 @@ class EmbeddedRedis:
         return self._thread is not None and self._thread.is_alive()
 
     def preload_scripts(self) -> None:
-        """Put Corral's Lua scripts in the script cache before any process runs one.
+        """Load Corral's Functions library before any process calls one.
 
-        fakeredis's TCP server drops a connection right after any error reply, so
-        redis-py's EVALSHA, NOSCRIPT, EVAL fallback never reaches the EVAL; loaded
-        scripts never miss.
+        fakeredis's TCP server drops a connection right after any error reply, so the
+        first call's "function not found" would cost a dropped connection; loaded
+        functions never miss.
         """
         import redis as redis_sync
 
-        from corral.scripts import source
+        from corral import scripts
 
         client = redis_sync.Redis.from_url(self.url)
         try:
-            for entry in resources.files("corral").joinpath("lua").iterdir():
-                if entry.name.endswith(".lua"):
-                    client.script_load(source(entry.name.removesuffix(".lua")))
+            scripts.load_sync(client)
         finally:
             client.close()
 
@@ -496,7 +493,7 @@ def _import_tcp_fake_server() -> type[TcpFakeServer]:
         raise RedisStartError(
             f"the embedded Redis needs fakeredis with Lua support: {_EMBEDDED_HINT}"
         ) from exc
-    # fakeredis runs EVAL/EVALSHA with lupa; without it every Corral script fails.
+    # fakeredis runs Lua (FCALL) with lupa; without it every Corral function fails.
     if importlib.util.find_spec("lupa") is None:
         raise RedisStartError(f"the embedded Redis needs Lua scripting (lupa): {_EMBEDDED_HINT}")
     return TcpFakeServer

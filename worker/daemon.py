@@ -814,7 +814,7 @@ class Worker:
                     job,
                     channel,
                     protocol.encode(job.job_id, progress.sent, protocol.CHUNK, line),
-                    first=progress.sent == 0,
+                    seq=progress.sent,
                 )
                 progress.sent += 1
         if not aggregate.done:
@@ -842,7 +842,7 @@ class Worker:
         partial = read_partial(await self.redis.lrange(keys.output(job.job_id), 0, -1))
         return partial if partial.sent else None
 
-    async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, first: bool) -> None:
+    async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, seq: int) -> None:
         """Publish a chunk, and keep it in the job's output list for replay after a pub/sub loss.
 
         A Redis that refuses writes for a moment (``OOM`` at ``maxmemory``) or stalls pauses
@@ -853,15 +853,27 @@ class Worker:
         its client has output. Later chunks skip MULTI (it cut the instant-token relay rate
         by about a third here): under ``OOM`` one may reach the client without its list
         entry, and a continuation after a node's death in that same moment would then
-        start one chunk early, a chunk the gateway drops by its sequence number."""
+        start one chunk early, a chunk the gateway drops by its sequence number.
+
+        The replay list keeps the first ``replay_max_messages`` chunks only (one long
+        stream once copied 15 MB into it); the job's record is marked ``replay_cut`` at
+        the cap, and ``finish.lua`` appends no final message to a cut list. Readers of a
+        cut list (a gateway replaying after a pub/sub loss, a cache follower on another
+        gateway) end their answer with an error rather than relay a gap."""
         out = keys.output(job.job_id)
+        first = seq == 0
+        keep = seq < self.settings.replay_max_messages
+        cut = seq == self.settings.replay_max_messages
 
         async def send() -> None:
             async with self.redis.pipeline(transaction=first) as pipe:
                 if first:  # from now on a re-run would repeat output the client has seen
                     pipe.hset(keys.job(job.job_id), "streamed", 1)
                     pipe.expire(out, self.settings.job_ttl)
-                pipe.rpush(out, message)
+                if keep:
+                    pipe.rpush(out, message)
+                elif cut:
+                    pipe.hset(keys.job(job.job_id), "replay_cut", 1)
                 pipe.publish(channel, message)
                 await pipe.execute()
 

@@ -52,6 +52,9 @@ local function end_in_queue(jk, jid, gw, ending)
   redis.call('HSET', jk, 'state', ending.state, 'finished', NOW, 'error', ending.error,
     'status', ending.status)
   redis.call('EXPIRE', jk, a.ended_ttl)
+  -- [memory] the request of a job that ends here is dropped and no longer charged
+  redis.call('HDEL', jk, 'req')
+  HOLD(redis.call('HGET', jk, 'tenant'), jk, 0, 0)
   redis.call('HINCRBY', stats, ending.counter, 1)
   redis.call('PUBLISH', a.reply_prefix .. gw, jid .. ending.reply)
   return ending.state
@@ -61,8 +64,11 @@ end
 -- entry when its job must not run.
 local function take(i, entry)
   local eid, jid = entry[1], entry[2][2]
-  redis.call('DECR', queued_count)
   local jk = a.job_prefix .. jid
+  -- [memory] a job cancelled while queued already left the count (cancel.lua)
+  if redis.call('HEXISTS', jk, 'uncounted') == 0 then
+    redis.call('DECR', queued_count)
+  end
   local rec = read(jk)
   local state, deadline = rec[1], tonumber(rec[6])
   if state == 'queued' and deadline and deadline > 0 and deadline < NOWN then

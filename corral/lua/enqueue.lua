@@ -2,7 +2,8 @@
 -- Safe to run twice: redis-py re-sends a command after a timeout, and a stalled Redis may
 -- have run the first one, so a job that already exists is left as it is.
 -- ARGV: 1 named arguments (corral.scripts.Enqueue), 2 the request body (stored as it is)
--- Returns the model's queued count after the add, or -1 when the queue is full.
+-- Returns the model's queued count after the add, -1 when the queue is full, or -2 when the
+-- tenant's stored bytes would pass its quota (nothing stored either way).
 local job_key, stream, queued_count, doorbell, stats, models =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local a = cjson.decode(ARGV[1])
@@ -15,6 +16,12 @@ local queued = tonumber(redis.call('GET', queued_count) or '0')
 if queued >= a.max_queue then
   return -1
 end
+if a.tenant ~= '' then
+  local held = SWEEP(a.tenant, NOWN)
+  if a.quota > 0 and held + #request > a.quota then
+    return -2
+  end
+end
 if redis.call('EXISTS', stream) == 0 then
   redis.call('XGROUP', 'CREATE', stream, a.group, '0', 'MKSTREAM')
 end
@@ -24,7 +31,8 @@ redis.call('HSET', job_key, 'id', a.job_id, 'kind', a.kind, 'model', a.model, 'p
   'state', 'queued', 'gw', a.gateway_id, 'stream', a.stream and '1' or '0',
   'wait', a.wait and '1' or '0', 'req', request, 'created', NOW, 'deadline', deadline,
   'attempts', 0, 'max_attempts', a.max_attempts, 'run_timeout', a.run_timeout, 'entry', entry,
-  'owner', a.owner, 'prio_asked', a.priority_asked)
+  'owner', a.owner, 'prio_asked', a.priority_asked, 'tenant', a.tenant)
+HOLD(a.tenant, job_key, #request, 0)
 redis.call('SADD', models, a.model)
 redis.call('LPUSH', doorbell, '1')
 redis.call('LTRIM', doorbell, 0, a.doorbell_cap - 1)

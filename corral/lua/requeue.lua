@@ -16,7 +16,7 @@ local a = cjson.decode(ARGV[1])
 
 redis.call('XACK', old_stream, a.group, a.entry)
 local rec = redis.call('HMGET', job_key, 'state', 'node', 'entry', 'id', 'streamed', 'attempts',
-  'gw', 'wait', 'history', 'max_attempts', 'handed_back')
+  'gw', 'wait', 'history', 'max_attempts', 'handed_back', 'tenant')
 local mark = a.entry .. ' '
 if rec[11] and string.sub(rec[11], 1, #mark) == mark then
   return tonumber(string.sub(rec[11], #mark + 1))
@@ -35,6 +35,8 @@ if rec[5] == '1' and not a.resume then
   redis.call('HSET', job_key, 'state', 'failed', 'finished', NOW, 'error', a.streamed_error,
     'status', a.streamed_status)
   redis.call('EXPIRE', job_key, rec[8] == '0' and a.job_ttl or a.result_ttl)
+  redis.call('HDEL', job_key, 'req')
+  HOLD(rec[12], job_key, 0, 0)
   redis.call('HINCRBY', stats, 'failed', 1)
   if rec[7] then
     redis.call('PUBLISH', a.reply_prefix .. rec[7], a.streamed_message)

@@ -8,20 +8,19 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from corral import __version__, keys, quota
+from corral import __version__, keys
 from corral.connections import text
-from corral.errors import NotFound, RateLimited, RequestError
+from corral.errors import NotFound, RequestError
 from corral.gateway import inputs
 from corral.gateway.admission import Incoming, make_spec, read_request, relay
-from corral.gateway.auth import Principal, principal_of, route
+from corral.gateway.auth import principal_of, route
 from corral.gateway.ollama_schema import BY_KIND, Body, JobSubmission
 from corral.gateway.openapi import document
 from corral.gateway.relay import DEGRADED_HEADER
 from corral.gateway.routes import ollama, openai
 from corral.gateway.routes.ollama import json_response
-from corral.gateway.state import GatewayState, state_of
+from corral.gateway.state import state_of
 from corral.gateway.validation import check
-from corral.jobs import JobSpec
 from corral.keys import FINAL_STATES, JobState
 from corral.tenants import Scope
 
@@ -74,12 +73,9 @@ async def submit(request: Request) -> Response:
     if job.wait:
         return await relay(request, spec, JobDialect(spec.job_id))
     state = incoming.state
-    await _charge_stored_bytes(state, incoming.principal, spec)
-    try:
-        depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
-    except BaseException:
-        await quota.release(state.redis, spec.owner, len(spec.request))
-        raise
+    # The enqueue script charges the request to its key's stored-bytes quota (the job's
+    # ``tenant``), or refuses it (429) when that would pass the quota.
+    depth = await state.store.enqueue(spec, max_queue=state.settings.max_queue)
     response = json_response(
         {"id": spec.job_id, "state": JobState.QUEUED.value, "queued": depth}, status=202
     )
@@ -87,25 +83,6 @@ async def submit(request: Request) -> Response:
         response.headers[DEGRADED_HEADER.decode()] = spec.degraded
     response.headers["x-corral-job-id"] = spec.job_id
     return response
-
-
-async def _charge_stored_bytes(state: GatewayState, principal: Principal, spec: JobSpec) -> None:
-    """A ``wait: false`` job keeps its request in Redis until it ends: charged to its key."""
-    if not spec.owner:
-        return  # Corral is open: no key to charge
-    charged = await quota.charge(
-        state.redis,
-        spec.owner,
-        len(spec.request),
-        quota=principal.klass.quota_bytes,
-        ttl=state.settings.job_ttl,
-    )
-    if charged is None:
-        raise RateLimited(
-            f"this API key's stored-request quota ({principal.klass.quota_bytes} bytes) is "
-            "used up by its jobs still waiting: fetch or cancel some, or wait for them",
-            headers={"retry-after": "60"},
-        )
 
 
 async def openapi(request: Request) -> Response:
@@ -128,10 +105,7 @@ async def cancel_job(request: Request) -> Response:
     state = state_of(request)
     job_id = request.path_params["job_id"]
     principal = principal_of(request)
-    async with state.redis.pipeline(transaction=False) as pipe:
-        pipe.hmget(keys.job(job_id), ["owner", "wait"])
-        pipe.hstrlen(keys.job(job_id), "req")
-        (owner, waits), stored = await pipe.execute()
+    owner = await state.redis.hget(keys.job(job_id), "owner")
     if not principal.owns(text(owner) if owner else ""):
         raise NotFound(_NOT_FOUND)  # another key's job is as unknown as a missing one
     prior = await state.store.cancel(job_id, "cancelled through the API")
@@ -139,9 +113,6 @@ async def cancel_job(request: Request) -> Response:
         raise NotFound(_NOT_FOUND)
     if prior in FINAL_STATES:
         raise RequestError(f"job already {prior.value}", 409)
-    if owner and waits == b"0" and stored:
-        # A cancelled wait=false job's request no longer counts against its key.
-        await quota.release(state.redis, text(owner), int(stored))
     response = json_response({"id": job_id, "state": JobState.CANCELLED.value, "was": prior.value})
     response.headers["x-corral-job-id"] = job_id
     return response
