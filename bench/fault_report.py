@@ -42,6 +42,9 @@ LINGER = {
 node TTL (2 s), the standby scheduler taking the lease (2 s), the retry backoff."""
 DEFAULT_LINGER = 4.0
 GONE_S = 0.5
+RECORD_S = 2.5
+"""After Redis comes back, how long a worker may take to record what it finished while
+Redis was away: its writes back off up to 2 s between tries."""
 
 
 @dataclass
@@ -154,9 +157,11 @@ REDIS_OUTAGES = ("redis_stall", "redis_oom", "redis_restart")
 
 
 def _redis_down_between(disruptions: list[Disruption], start: float, end: float) -> bool:
-    """Whether Redis was unavailable from ``start`` (within ``GONE_S``) until ``end``."""
+    """Whether Redis was unavailable from ``start`` (within ``GONE_S``) until ``end``, or
+    back for less than ``RECORD_S`` by then."""
     return any(
-        d.kind in REDIS_OUTAGES and d.start <= start + GONE_S and d.end >= end for d in disruptions
+        d.kind in REDIS_OUTAGES and d.start <= start + GONE_S and d.end + RECORD_S >= end
+        for d in disruptions
     )
 
 

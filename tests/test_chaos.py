@@ -83,6 +83,22 @@ def test_ran_twice_is_a_target_miss_unless_streamed_or_its_worker_was_gone(repor
     assert report.ran_twice(once, [slow_ps]) is None
 
 
+
+def test_a_completion_its_worker_could_not_record_before_it_was_killed_is_allowed(
+    report: Any,
+) -> None:
+    """Finished at 10 s while Redis was stalled (9.9 to 10.6 s); the worker is killed at
+    10.7 s, before its backed-off write could go through: nobody could record it."""
+    from faults import Disruption
+
+    stall = Disruption("redis_stall", 9.9, 10.6)
+    soon = Disruption("worker_kill", 10.7, 10.7, node="n1")
+    assert report.ran_twice(twice(report), [stall, soon])[0] == "worker_gone"
+    # Redis back for longer than RECORD_S before the kill: the worker could have recorded it.
+    earlier = Disruption("redis_stall", 5.0, 10.7 - report.RECORD_S - 0.1)
+    assert report.ran_twice(twice(report), [earlier, soon])[0] == "target"
+
+
 def test_a_disruption_hits_only_the_jobs_it_reached(report: Any) -> None:
     from faults import Disruption
 
