@@ -83,7 +83,6 @@ def test_ran_twice_is_a_target_miss_unless_streamed_or_its_worker_was_gone(repor
     assert report.ran_twice(once, [slow_ps]) is None
 
 
-
 def test_a_completion_its_worker_could_not_record_before_it_was_killed_is_allowed(
     report: Any,
 ) -> None:
