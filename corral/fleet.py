@@ -29,6 +29,9 @@ SERVING_STATES = frozenset({"running", "breaker-open", "breaker-half-open"})
 """States of a node that serves its models: a node whose circuit breaker is open will
 serve them again after its cool-down, so its models stay routable (their jobs queue)."""
 
+LIVE_STATES = SERVING_STATES | {"draining", "ollama-down"}
+"""States of a node whose worker is alive (up on /metrics, counted on the dashboard)."""
+
 
 async def publish_heartbeat(redis: Redis, record: NodeRecord, ttl: float) -> float:
     """Write a node's record and registry score, stamped with Redis's time; returns it.

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from corral import keys
 from corral.connections import server_time, text
+from corral.fleet import LIVE_STATES
 from corral.snapshot import Snapshot
 from corral.telemetry import LATENCY_BUCKETS, RETENTION, quantile
 
@@ -29,8 +30,6 @@ Lines = dict[str, list[float | None]]
 
 Builder = Callable[[list[Slot], int], Lines]
 """(slots, resolution in seconds) -> lines."""
-
-LIVE_STATES = frozenset({"running", "draining", "ollama-down"})
 
 
 @dataclass(frozen=True, slots=True)

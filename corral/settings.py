@@ -259,7 +259,15 @@ class GatewaySettings(CommonSettings):
     cache_widen: bool = Field(
         False,
         description="also cache generations that are not deterministic (no temperature 0 "
-        "and no fixed seed); degradation level 2 and above does so regardless",
+        "and no fixed seed)",
+    )
+    cache_widen_level: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="from this degradation level on, cache and share generations that are "
+        "not deterministic too (0: never; 2 is the original design's, but it adds a cache "
+        "lookup and a lock in Redis to every such request while the fleet is overloaded)",
     )
     cache_ttl: float = Field(3600.0, gt=0, description="seconds a cached answer is kept in Redis")
     cache_ttl_degraded: float = Field(

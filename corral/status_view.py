@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import humanize
-from corral.series import LIVE_STATES, Slot, graphs
+from corral.fleet import LIVE_STATES
+from corral.series import Slot, graphs
 from corral.snapshot import NodeStatus, QueueStatus, Snapshot
 
 RATE_WINDOW = 10

@@ -100,14 +100,14 @@ class ResponseCache:
     ) -> Response:
         """The response to a request of a cacheable kind (see the module's docstring).
 
-        ``level`` is the fleet's degradation level: from 2 on, answers that are not
-        deterministic are cached and shared too."""
+        ``level`` is the fleet's degradation level: from ``cache_widen_level`` on (when
+        set), answers that are not deterministic are cached and shared too."""
         settings = self.settings
         started = time.perf_counter()
         if (
             spec.kind not in CACHEABLE_KINDS
             or request.headers.get(HEADER, "").strip().lower() == "bypass"
-            or not (settings.cache_widen or level >= 2 or deterministic(body))
+            or not (settings.cache_widen or _widened(level, settings) or deterministic(body))
         ):
             return await self.bypass(spec, dialect, wait)
         key = cache_key(spec.kind, spec.stream, body)
@@ -147,6 +147,11 @@ class ResponseCache:
         response.extra_headers.append((HEADER.encode(), _BYPASS))
         self._count("bypass")
         return response
+
+
+def _widened(level: int, settings: GatewaySettings) -> bool:
+    """Whether the degradation level makes requests that are not deterministic cacheable."""
+    return bool(settings.cache_widen_level) and level >= settings.cache_widen_level
 
 
 class CachedResponse(Response):

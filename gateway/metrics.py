@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from corral.fleet import LIVE_STATES
 from corral.snapshot import Snapshot
 from corral.telemetry import METRICS, Histogram
 from corral.telemetry import Metric as Recorded
@@ -37,7 +38,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 Sample = tuple[Sequence[object], float]
 """Label values, in the order of the family's label names, and the value."""
 
-LIVE_STATES = frozenset({"running", "draining", "ollama-down", "breaker-open", "breaker-half-open"})
 """Node states whose heartbeat is fresh (``stale`` and ``gone`` are the others)."""
 
 

@@ -44,6 +44,10 @@ async def fleet(start_cluster: Any) -> LocalCluster:
     return started
 
 
+async def _client(fleet: LocalCluster) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=fleet.url, timeout=30)
+
+
 @pytest.fixture
 async def http(fleet: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=fleet.url, timeout=30) as client:
@@ -120,15 +124,35 @@ async def test_widened_cache_takes_nondeterministic_requests(start_cluster: Any)
 
 
 async def test_level_two_serves_nondeterministic_requests_from_the_cache(
-    fleet: LocalCluster, http: Any
+    start_cluster: Any,
 ) -> None:
+    fleet: LocalCluster = await start_cluster(
+        [FakeOllamaConfig(num_parallel=4)], gateway={"cache_widen_level": 2}
+    )
+    http = await _client(fleet)
     assert fleet.gateway is not None
+    fleet.gateway.state.fleet.level = 1
+    plain = {"model": "llama3", "prompt": "busy day", "stream": False}
+    assert (await http.post("/api/generate", json=plain)).headers["x-corral-cache"] == "bypass"
     fleet.gateway.state.fleet.level = 2
     plain = {"model": "llama3", "prompt": "busy day", "stream": False}
     assert (await http.post("/api/generate", json=plain)).headers["x-corral-cache"] == "miss"
     assert (await http.post("/api/generate", json=plain)).headers["x-corral-cache"] == "hit"
     ttl = await fleet.gateway.state.redis.pttl(keys.cache_entry(_key(plain, stream=False)))
     assert ttl > fleet.gateway.settings.cache_ttl * 1000  # the longer TTL of levels >= 1
+    await http.aclose()
+
+
+async def test_levels_leave_nondeterministic_requests_alone_by_default(
+    fleet: LocalCluster, http: Any
+) -> None:
+    """Under an overload every request would pay a lookup and a lock in Redis."""
+    assert fleet.gateway is not None
+    fleet.gateway.state.fleet.level = 3
+    plain = {"model": "llama3", "prompt": "busy night", "stream": False}
+    for _ in range(2):
+        reply = await http.post("/api/generate", json=plain)
+        assert reply.headers["x-corral-cache"] == "bypass"
 
 
 def _key(body: dict[str, Any], *, stream: bool, kind: JobKind = JobKind.GENERATE) -> str:

@@ -3,7 +3,7 @@
 "use strict";
 
 const POLL_MS = 2000;
-const LIVE = new Set(["running", "draining", "ollama-down"]);
+const LIVE = new Set(["running", "draining", "ollama-down", "breaker-open", "breaker-half-open"]);
 const SVG = "http://www.w3.org/2000/svg";
 
 function h(tag, attrs, ...children) {
@@ -110,8 +110,8 @@ function renderNodes(nodes) {
     return h("tr", { "data-node": n.node_id, "data-state": n.state, class: live ? "" : "down" },
       h("td", {}, h("code", {}, n.node_id), h("br"), h("span", { class: "muted" }, rec.ollama_url || "")),
       h("td", { class: n.state === "running" ? "ok" : live ? "warn" : "bad" }, n.state),
-      h("td", {}, rec.breaker ?? "–"),
-      h("td", { class: "num" }, rec.weight ?? "–"),
+      breakerCell(rec.breaker),
+      h("td", { class: "num" }, rec.weight === undefined ? "–" : `${rec.weight}${rec.backup ? " backup" : ""}`),
       h("td", { class: "num" }, `${busy}/${total}`, bar(busy, total)),
       h("td", {}, names(rec.loaded).join(", ") || "–"),
       h("td", { style: "white-space:pre" }, gpuText(rec.gpus)),
@@ -120,6 +120,14 @@ function renderNodes(nodes) {
       h("td", { class: live ? "num" : "num bad" }, `${n.heartbeat_age.toFixed(1)} s ago`));
   });
   box.replaceChildren(h("table", {}, head, ...rows));
+}
+
+function breakerCell(breaker) {
+  // The heartbeat's breaker: its state, and the failures in its window when there are any.
+  if (!breaker || typeof breaker !== "object") return h("td", {}, "–");
+  const fails = breaker.recent_failures ? ` · ${breaker.recent_failures} failed` : "";
+  const cls = breaker.state === "closed" ? "ok" : breaker.state === "open" ? "bad" : "warn";
+  return h("td", { class: cls }, `${breaker.state}${fails}`);
 }
 
 function renderQueues(queues) {
