@@ -334,9 +334,7 @@ def run(smoke: bool) -> report.Result:
 
 
 def main() -> int:
-    args = report.parser(__doc__ or "").parse_args()
-    report.emit(run(args.smoke), args.json)
-    return 0
+    return report.main(__doc__ or "", lambda args: run(args.smoke))
 
 
 if __name__ == "__main__":

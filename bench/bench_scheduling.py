@@ -470,9 +470,7 @@ def _counters(errors: dict[str, int]) -> str:
 
 
 def main() -> int:
-    args = report.parser(__doc__ or "").parse_args()
-    report.emit(run(args.smoke), args.json)
-    return 0
+    return report.main(__doc__ or "", lambda args: run(args.smoke))
 
 
 if __name__ == "__main__":

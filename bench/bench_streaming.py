@@ -321,9 +321,7 @@ def _per_token(loads: list[dict[str, Any]], duration: float) -> list[str]:
 
 
 def main() -> int:
-    args = report.parser(__doc__ or "").parse_args()
-    report.emit(run(args.smoke), args.json)
-    return 0
+    return report.main(__doc__ or "", lambda args: run(args.smoke))
 
 
 if __name__ == "__main__":

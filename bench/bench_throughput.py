@@ -272,9 +272,7 @@ def _limits(best: dict[str, Any], duration: float) -> list[str]:
 
 
 def main() -> int:
-    args = report.parser(__doc__ or "").parse_args()
-    report.emit(run(args.smoke, not args.no_profile), args.json)
-    return 0
+    return report.main(__doc__ or "", lambda args: run(args.smoke, not args.no_profile))
 
 
 if __name__ == "__main__":

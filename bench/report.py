@@ -32,6 +32,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def main(description: str, run: Callable[[argparse.Namespace], Result]) -> int:
+    """A benchmark script's entry point: the common flags, the run, its result written."""
+    args = parser(description).parse_args()
+    emit(run(args), args.json)
+    return 0
+
+
 def emit(result: Result, path: Path | None) -> None:
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
     if path is not None:
