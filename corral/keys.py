@@ -211,7 +211,7 @@ def sample_lock(second: int) -> str:
 
 
 # -- tenants: API keys, their classes, rate limits and stored-bytes quotas
-# (``corral.tenants``, ``corral.ratelimit``, ``corral.quota``).
+# (``corral.tenants``, ``corral.ratelimit``; stored bytes are ``tenant_bytes`` above).
 
 API_KEYS = f"{PREFIX}:apikeys"
 """Hash: SHA-256 digest of a key (hex) -> the key's record (JSON, ``corral.tenants.ApiKey``);

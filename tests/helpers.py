@@ -7,6 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+from redis.asyncio import Redis
+
+from corral import keys
 
 T = TypeVar("T")
 
@@ -47,3 +50,8 @@ def record_requests(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
 
     monkeypatch.setattr(JobStore, "enqueue", recording)
     return seen
+
+
+async def held_bytes(redis: Redis, tenant: str) -> int:
+    """The bytes a tenant (an API key's id) holds in Redis, as its quota is checked."""
+    return int(await redis.get(keys.tenant_bytes(tenant)) or 0)

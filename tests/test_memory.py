@@ -22,7 +22,7 @@ from corral.settings import GatewaySettings
 from corral.tooling.cluster import LocalCluster, LocalGateway
 from corral.tooling.fake_ollama import FakeOllamaConfig
 from corral.tooling.redis_proc import RedisProcess
-from tests.helpers import until
+from tests.helpers import held_bytes, until
 
 MODEL = "llama3:latest"
 KEY_A, KEY_B = "tenant-a-key-0001", "tenant-b-key-0002"
@@ -42,10 +42,6 @@ def _spec(tenant: str = "t1", quota: int = 0, size: int = 1000, wait: bool = Fal
     )
 
 
-async def _held(redis: Redis, tenant: str) -> int:
-    return int(await redis.get(keys.tenant_bytes(tenant)) or 0)
-
-
 # -- the job store: what a record holds, and for how long --------------------------------
 
 
@@ -55,11 +51,11 @@ async def test_a_tenant_is_charged_its_request_then_its_result_and_refused_past_
     store = JobStore(redis, job_ttl=60, result_ttl=5)
     first = _spec(quota=2500)
     await store.enqueue(first, max_queue=100)
-    assert await _held(redis, "t1") == len(first.request)
+    assert await held_bytes(redis, "t1") == len(first.request)
     await store.enqueue(_spec(quota=2500), max_queue=100)
     with pytest.raises(QuotaExceeded, match="storage quota exceeded"):
         await store.enqueue(_spec(quota=2500), max_queue=100)
-    assert await _held(redis, "other") == 0
+    assert await held_bytes(redis, "other") == 0
     await store.enqueue(_spec(tenant="other", quota=2500), max_queue=100)  # not t1's quota
 
     job = await store.claim(MODEL, "node-a")
@@ -71,7 +67,7 @@ async def test_a_tenant_is_charged_its_request_then_its_result_and_refused_past_
     # record expires (wait=false: job_ttl).
     assert await redis.hexists(record, "req") is False
     assert 0 < await redis.ttl(record) <= 60
-    assert await _held(redis, "t1") == len(result) + len(_spec().request)
+    assert await held_bytes(redis, "t1") == len(result) + len(_spec().request)
     await store.enqueue(_spec(quota=2500), max_queue=100)  # room again
 
 
@@ -82,7 +78,7 @@ async def test_expired_records_release_their_charge_at_the_next_enqueue(redis: R
     job = await store.claim(MODEL, "node-a")
     assert job is not None
     assert await store.finish(job, "node-a", JobState.DONE, result=b"r" * 300)
-    assert await _held(redis, "t1") == 300
+    assert await held_bytes(redis, "t1") == 300
 
     async def gone() -> bool:
         return not await redis.exists(keys.job(spec.job_id))
@@ -90,7 +86,7 @@ async def test_expired_records_release_their_charge_at_the_next_enqueue(redis: R
     await until(gone, True, within=5)  # its own TTL: no script runs when it expires
     later = _spec(size=10)
     await store.enqueue(later, max_queue=100)
-    assert await _held(redis, "t1") == len(later.request)
+    assert await held_bytes(redis, "t1") == len(later.request)
 
 
 async def test_a_cancelled_job_drops_its_request_releases_its_charge_and_expires(
@@ -103,7 +99,7 @@ async def test_a_cancelled_job_drops_its_request_releases_its_charge_and_expires
     record = keys.job(spec.job_id)
     assert await redis.hexists(record, "req") is False
     assert 0 < await redis.ttl(record) <= 60
-    assert await _held(redis, "t1") == 0
+    assert await held_bytes(redis, "t1") == 0
 
 
 async def test_cancelled_and_expired_queued_jobs_leave_the_queue_count_at_once(

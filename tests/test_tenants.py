@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from corral import apikeys, keys, quota
+from corral import apikeys, keys
 from corral.errors import ConfigError
 from corral.gateway.app import create_app
 from corral.gateway.auth import ScopedMount, ScopedRoute, unscoped
@@ -27,7 +27,7 @@ from corral.settings import GatewaySettings, SchedulerSettings
 from corral.tenants import Scope
 from corral.tooling.cluster import LocalCluster
 from corral.tooling.fake_ollama import FakeOllamaConfig
-from tests.helpers import until
+from tests.helpers import held_bytes, until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 GENERATE = {"model": "llama3", "prompt": "hi", "stream": False}
@@ -384,8 +384,8 @@ async def test_stored_bytes_quota_refuses_one_key_and_serves_another(
         # Cancelling one gives its bytes back.
         cancelled = await client.delete(f"/jobs/{served.json()['id']}", headers=bearer(polite))
         assert cancelled.status_code == 200
-        assert await quota.usage(redis, "polite") == 0
-        assert await quota.usage(redis, "flooder") > 0
+        assert await held_bytes(redis, "polite") == 0
+        assert await held_bytes(redis, "flooder") > 0
 
 
 # --- secrets ---
