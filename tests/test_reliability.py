@@ -207,17 +207,18 @@ async def test_orphaned_jobs_are_cancelled_unless_wait_false(
     port = free_port()
     doomed = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "gateway", "--redis-url", redis_url,
-         "--port", str(port), "--fleet-refresh", "0.2"],
+         "--port", str(port), "--fleet-refresh", "0.2", "--gateway-id", "doomed"],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             await until(lambda: _healthy(http), True, within=20)
-            # 3 s: the orphan is claimed well after the dead gateway's last heartbeat aged
-            # past the 1 s gateway TTL, with seconds to spare on a slow machine.
-            slow = {**GENERATE, "prompt": "blocker", "options": {"num_predict": 300}}
-            blocker = {"kind": "generate", "wait": False, "request": slow}
-            await http.post("/jobs", json=blocker)
+            # The blocker holds the node's one slot until the dead gateway's heartbeat is
+            # past the 1 s gateway TTL (however slow the machine), then it is cancelled.
+            slow = {**GENERATE, "prompt": "blocker", "options": {"num_predict": 6000}}
+            blocker = await http.post(
+                "/jobs", json={"kind": "generate", "wait": False, "request": slow}
+            )
             await fake.wait_until(lambda s: s["active"] == 1)
             kept = await http.post(
                 "/jobs",
@@ -232,6 +233,10 @@ async def test_orphaned_jobs_are_cancelled_unless_wait_false(
     finally:
         doomed.kill()
         doomed.wait(10)
+    await until(lambda: _heartbeat_age(redis, "doomed"), True, within=20)
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+        cancelled = await http.delete(f"/jobs/{blocker.json()['id']}")
+        assert cancelled.status_code == 200, cancelled.text
     kept_id = kept.json()["id"]
     await until(lambda: _job_state(redis, kept_id), "done", within=10)
     assert [e["prompt"] for e in fake.stats()["started"]] == ["blocker", "kept"]
@@ -242,6 +247,13 @@ async def test_orphaned_jobs_are_cancelled_unless_wait_false(
     assert (orphans[0][b"state"], orphans[0][b"status"]) == (b"cancelled", b"503"), [
         (r[b"error"], r.get(b"status")) for r in orphans
     ]
+
+
+async def _heartbeat_age(redis: Redis, gateway_id: str) -> bool:
+    """Whether the gateway's last heartbeat is over 1.5 s old on Redis's clock."""
+    seen = await redis.zscore(keys.GATEWAYS, gateway_id)
+    now, micros = await redis.time()
+    return seen is None or now + micros / 1e6 - seen > 1.5
 
 
 async def _healthy(http: httpx.AsyncClient) -> bool:
