@@ -570,11 +570,12 @@ class Worker:
 
     async def _announce_load(self, model: str) -> None:
         """Tell the other nodes this one is loading ``model`` (so they do not load it too),
-        and count it as loaded here: until ``/api/ps`` shows it, this node's next claims
-        treat it as the warm model it is about to be."""
-        self._loaded = [*self._loaded, {"name": model, "model": model}]
+        and count it as the one model loaded here until ``/api/ps`` is read after the
+        load: the load may evict the others, and a node that took their jobs as warm
+        meanwhile would switch back and forth between models."""
         if self.placement.locality_wait <= 0:
-            return
+            return  # locality off: claims follow the last /api/ps answer, as before it
+        self._loaded = [{"name": model, "model": model}]
         cost = self.placement.load_costs.get(model, self.placement.load_cost)
         hold = cost + 2 * self.settings.heartbeat_interval
         with contextlib.suppress(*REDIS_WRITE_ERRORS):  # a hint: losing it costs a load
@@ -764,6 +765,7 @@ class Worker:
         load_s = load / 1e9 if isinstance(load, int | float) and load > LOADED_NS else 0.0
         if load_s:
             self.placement.note_load(model, load_s)
+        if load_s and self.placement.locality_wait > 0:
             # The load may have evicted another model: learn which now, not at the next
             # refresh, so the next claims do not take that model's jobs as warm here.
             if self._after_load_task is None or self._after_load_task.done():
