@@ -765,11 +765,14 @@ class Worker:
         load_s = load / 1e9 if isinstance(load, int | float) and load > LOADED_NS else 0.0
         if load_s:
             self.placement.note_load(model, load_s)
-        if load_s and self.placement.locality_wait > 0:
-            # The load may have evicted another model: learn which now, not at the next
-            # refresh, so the next claims do not take that model's jobs as warm here.
-            if self._after_load_task is None or self._after_load_task.done():
-                self._after_load_task = asyncio.create_task(self._after_load(), name="after-load")
+        # The load may have evicted another model: learn which now, not at the next
+        # refresh, so the next claims do not take that model's jobs as warm here.
+        if (
+            load_s
+            and self.placement.locality_wait > 0
+            and (self._after_load_task is None or self._after_load_task.done())
+        ):
+            self._after_load_task = asyncio.create_task(self._after_load(), name="after-load")
         self.placement.note_duration(model, took - load_s)
         tokens, spent = final.get("eval_count"), final.get("eval_duration")
         if isinstance(tokens, int) and isinstance(spent, int | float) and tokens >= MIN_TOKENS:
