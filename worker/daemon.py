@@ -516,9 +516,9 @@ class Worker:
                     got, later = await self.store.claim_aged(
                         model, self.node_id, allowed - len(jobs), await self._claim_delay(model)
                     )
+                    jobs += got  # ours from here on, whatever fails next
                     if got and model not in self._loaded_names():
                         await self._announce_load(model)
-                    jobs += got
                     if later is not None:
                         defer = later if defer is None else min(defer, later)
                     if len(jobs) == allowed:
