@@ -22,6 +22,11 @@ preference longer than its delay. The reasons, added up:
   (``SOLE_FACTOR``: this load, the reload of its own model for that model's next job,
   and that job's wait for it), and while the model is warm nowhere it waits the load
   cost, so that nodes whose model is also loaded elsewhere load first.
+- **One loader at a time.** A node that claims a job of a model it does not have loaded
+  names itself in Redis (``keys.loading``, for the load cost plus two heartbeats); the
+  others count it as warm for that model (``loader``) until its heartbeat shows the
+  model loaded. So a model warm nowhere (its only node died) is loaded by one node, not
+  by every node with a free slot at once.
 
 **Tail-aware claims** are a gate rather than a delay: each node measures its speed per
 model (``eval_count / eval_duration`` of its answers). A node with faster peers for a
@@ -34,9 +39,9 @@ phases, the first after half a job on average, so the last queued job starts the
 about ``Q - 0.5`` jobs later, not ``Q``. With nodes whose speeds are in whole ratios (1x,
 2x, 4x) the plain threshold is a whole number, and the decision at ``Q`` equal to it
 flipped with the noise of the measured speeds; half a job puts it between two queue
-lengths. Once the backlog is that short the slow node idles, and
-the tail of a batch runs on the fast nodes; should the backlog not move for twice the
-longest job time the faster nodes report (at least a second), it claims anyway.
+lengths. Once the backlog is that short the slow node idles, and the tail of a batch
+runs on the fast nodes; should the backlog not move for twice the longest job time the
+faster nodes report (at least a second), it claims anyway.
 
 Peers are read from the node registry (their heartbeats); a peer counts only while it
 heartbeats, its state is ``running`` (breaker closed) and it serves the model.
