@@ -80,6 +80,12 @@ def claim_receipt(model: str, token: str) -> str:
     return f"{PREFIX}:q:{{{model}}}:claim:{token}"
 
 
+def loading(model: str) -> str:
+    """The node loading this model, set when it claims a job of it without having it
+    loaded (expires): other nodes count that node as warm for the model (placement)."""
+    return f"{PREFIX}:loading:{{{model}}}"
+
+
 def doorbell(model: str) -> str:
     """A list a worker BLPOPs on; the enqueue script pushes one token per job."""
     return f"{PREFIX}:bell:{{{model}}}"

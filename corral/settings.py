@@ -457,8 +457,8 @@ class WorkerSettings(CommonSettings):
         10.0,
         ge=0,
         description="longest a node without the model loaded leaves a job to nodes that have "
-        "it loaded: it claims once the job waited the model's load cost, capped by this; "
-        "0 turns model locality off",
+        "it loaded (or are loading it), when they would drain the model's queue sooner than "
+        "a load here; 0 turns model locality off",
     )
     load_cost: float = Field(
         5.0,

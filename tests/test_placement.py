@@ -18,7 +18,7 @@ from corral.jobs import JobSpec, JobStore
 from corral.keys import JobKind
 from corral.tooling.cluster import LocalCluster, LocalNode
 from corral.tooling.fake_ollama import FakeOllamaConfig
-from tests.helpers import until
+from tests.helpers import until, until_value
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
 MODEL = "llama3:latest"
@@ -242,6 +242,48 @@ async def test_a_cold_node_loads_the_model_when_the_warm_backlog_outlasts_a_load
     assert cold.fake.fake.stats()["loads"] == 1
     record = cold.worker.record()
     assert 0 < record["load_costs"].get(MODEL, 0) < 1.0  # measured from load_duration
+
+
+async def test_a_model_warm_nowhere_is_loaded_by_one_node_not_by_every_free_one(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    cold = FakeOllamaConfig(num_parallel=2, load_delay=2.0)
+    cluster = await start_cluster([cold, cold])
+    for node in cluster.nodes:
+        await _sees_peers(node, 2)
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        first = asyncio.create_task(client.generate(model="llama3", prompt="first"))
+        # One node claimed it and is loading the model (2 s): it says so in Redis.
+        loader = await until_value(lambda: redis.get(keys.loading(MODEL)))
+        # The other node, with free slots, leaves these to the loader instead of loading too.
+        rest = await asyncio.gather(
+            *(client.generate(model="llama3", prompt=f"next {i}") for i in range(3))
+        )
+        await first
+    assert len(rest) == 3
+    loads = {node.node_id: node.fake.fake.stats()["loads"] for node in cluster.nodes}
+    assert loads == {n.node_id: int(n.node_id == loader.decode()) for n in cluster.nodes}
+
+
+async def test_a_node_knows_what_its_load_evicted_before_the_next_refresh(
+    start_cluster: StartCluster,
+) -> None:
+    # One model at a time; /api/ps is read every 30 s only (the heartbeat interval).
+    config = FakeOllamaConfig(
+        num_parallel=1, max_loaded_models=1, preloaded=["qwen2:0.5b"], load_delay=0.2
+    )
+    cluster = await start_cluster([config], worker={"heartbeat_interval": 30, "node_ttl": 90})
+    worker = cluster.nodes[0].worker
+    assert worker._loaded_names() == {"qwen2:0.5b"}
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        await client.generate(model="llama3", prompt="evicts qwen2")
+
+    async def loaded() -> set[str]:
+        return worker._loaded_names()
+
+    # Claiming the job counted llama3 as loaded; the load's answer had /api/ps read again,
+    # which shows qwen2 evicted: its jobs are no longer taken here as warm.
+    await until(loaded, {MODEL}, within=5)
 
 
 async def test_forced_runner_options_stop_reloads_between_clients_that_differ_there(

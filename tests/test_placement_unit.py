@@ -161,24 +161,40 @@ def test_a_cold_node_loads_only_when_warm_nodes_would_drain_the_queue_slower() -
     assert cold.delay(MODEL, loaded_here=False, peers=other, queued=17) == 0.0
 
 
-def test_a_node_alone_holding_a_model_leaves_loads_to_others() -> None:
+def test_a_node_alone_holding_a_model_weighs_a_load_three_times() -> None:
     node = Placement("me", load_cost=2.0, locality_wait=10.0)
     warm = [_peer("warm", loaded=[{"name": MODEL}], slots_total=1, durations={MODEL: 1.0})]
-    # A long queue would make it load, but it alone has the other model loaded.
-    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=50) == 0.0
-    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=50, holding=["b:latest"]) == 10.0
+    # Nothing else loaded here: a queue of 3 s outlasts one 2 s load.
+    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=3) == 0.0
+    # Alone with b:latest loaded: this load, b's reload and its job's wait, 3 x 2 s.
+    held = ["b:latest"]
+    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=6, holding=held) == 10.0
+    assert node.delay(MODEL, loaded_here=False, peers=warm, queued=7, holding=held) == 0.0
     shared = [*warm, _peer("twin", models=[{"name": "b:latest"}], loaded=[{"name": "b:latest"}])]
     # Not alone with b:latest, but a load may evict it: the load counts twice (2 x 2 s).
-    assert (
-        node.delay(MODEL, loaded_here=False, peers=shared, queued=4, holding=["b:latest"]) == 10.0
-    )
-    assert node.delay(MODEL, loaded_here=False, peers=shared, queued=5, holding=["b:latest"]) == 0.0
-    assert (
-        node.delay(MODEL, loaded_here=False, peers=shared, queued=50, holding=["b:latest"]) == 0.0
-    )
+    assert node.delay(MODEL, loaded_here=False, peers=shared, queued=4, holding=held) == 10.0
+    assert node.delay(MODEL, loaded_here=False, peers=shared, queued=5, holding=held) == 0.0
     # Warm nowhere: someone must load it; a sole holder lets the others go first.
-    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5, holding=["b:latest"]) == 2.0
+    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5, holding=held) == 2.0
     assert node.delay(MODEL, loaded_here=False, peers=[], queued=5) == 0.0
+
+
+def test_a_node_loading_the_model_counts_as_warm_until_its_heartbeat_shows_it() -> None:
+    node = Placement("me", load_cost=2.0, locality_wait=10.0)
+    # Warm nowhere (its only node died): every free node would load it at once...
+    peers = [_peer("loader", slots_total=2, durations={MODEL: 0.5}), _peer("idle")]
+    assert not node.warm_elsewhere(MODEL, loaded_here=False, peers=peers)
+    assert node.delay(MODEL, loaded_here=False, peers=peers, queued=4) == 0.0
+    # ...unless one says it is loading it: then the others leave it a short queue.
+    assert node.warm_elsewhere(MODEL, loaded_here=False, peers=peers, loader="loader")
+    assert node.delay(MODEL, loaded_here=False, peers=peers, queued=4, loader="loader") == 10.0
+    # A long one they share (4 x 0.5 s / 2 slots = 1 s < 2 s; 10 x 0.5 s / 2 = 2.5 s > 2 s).
+    assert node.delay(MODEL, loaded_here=False, peers=peers, queued=10, loader="loader") == 0.0
+    # The loader names itself, a dead node or one whose breaker is open: no one is warm.
+    assert node.delay(MODEL, loaded_here=False, peers=peers, queued=4, loader="me") == 0.0
+    assert node.delay(MODEL, loaded_here=False, peers=peers, queued=4, loader="gone") == 0.0
+    broken = [_peer("loader", state="breaker-open", durations={MODEL: 0.5})]
+    assert node.delay(MODEL, loaded_here=False, peers=broken, queued=4, loader="loader") == 0.0
 
 
 def test_model_options_must_be_reload_options_per_model() -> None:
@@ -200,16 +216,28 @@ def test_a_slow_node_leaves_a_short_backlog_to_faster_nodes() -> None:
     assert slow.tail_threshold(MODEL, peers) == 0.0, "its own speed is not measured yet"
     slow.note_speed(MODEL, 100, 10.0)
     # Faster nodes start 2*20 + 2*40 = 120 tokens/s of work; this one would be 1/10 -
-    # 1/40 s per token slower: a queue of 9 or fewer goes to them.
-    assert slow.tail_threshold(MODEL, peers) == pytest.approx(9.0)
+    # 1/40 s per token slower: 9 jobs, plus half a job for the phase of the faster nodes'
+    # next free slot. A queue of 9 or fewer goes to them.
+    assert slow.tail_threshold(MODEL, peers) == pytest.approx(9.5)
     middle = Placement("x2")
     middle.note_speed(MODEL, 200, 10.0)
-    assert middle.tail_threshold(MODEL, peers) == pytest.approx(2.0)
+    assert middle.tail_threshold(MODEL, peers) == pytest.approx(2.5)
     fast = Placement("x4")
     fast.note_speed(MODEL, 400, 10.0)
     assert fast.tail_threshold(MODEL, peers) == 0.0
     dead = [{**p, "state": "breaker-open"} for p in peers]
     assert slow.tail_threshold(MODEL, dead) == 0.0, "only running nodes are waited for"
+
+
+def test_a_queue_as_long_as_the_plain_threshold_goes_to_faster_nodes_despite_noise() -> None:
+    # The 2x node sees 2 jobs queued while the 4x nodes are about to free their slots: it
+    # would finish one a full job time from now, they within that on average. Measured
+    # speeds a little off (40.5 here, 79 there) put the plain threshold at 1.95, under 2.
+    middle = Placement("x2")
+    middle.note_speed(MODEL, 405, 10.0)
+    peers = [_peer("x4", slots_total=2, speeds={MODEL: 79.0})]
+    threshold = middle.tail_threshold(MODEL, peers)
+    assert 2 < threshold < 3, "two jobs queued are left to the faster node, three are not"
 
 
 def test_patience_with_faster_nodes_is_twice_their_longest_job() -> None:

@@ -157,6 +157,8 @@ class Worker:
         self._tail_watch: dict[str, tuple[int, float]] = {}
         """Per model, the queue length last seen while leaving it to faster nodes, and
         since when it has not changed."""
+        self._after_load_task: asyncio.Task[None] | None = None
+        """Reads ``/api/ps`` and heartbeats after a load (see ``_measure``)."""
         self._peers: list[fleet.NodeRecord] = []
         """The live nodes' heartbeats, as last read (placement defers to better ones)."""
         self._forced = {
@@ -240,6 +242,8 @@ class Worker:
             await asyncio.wait(leftover)
         for task in background:
             await cancel_and_wait(task)
+        if self._after_load_task is not None:
+            await cancel_and_wait(self._after_load_task)
         with contextlib.suppress(*REDIS_WRITE_ERRORS):
             await self.flush_telemetry()
         try:
@@ -512,7 +516,9 @@ class Worker:
                     got, later = await self.store.claim_aged(
                         model, self.node_id, allowed - len(jobs), await self._claim_delay(model)
                     )
-                    jobs += got
+                    jobs += got  # ours from here on, whatever fails next
+                    if got and model not in self._loaded_names():
+                        await self._announce_load(model)
                     if later is not None:
                         defer = later if defer is None else min(defer, later)
                     if len(jobs) == allowed:
@@ -540,20 +546,45 @@ class Worker:
         """Seconds a job of ``model`` must have waited before this node claims it."""
         loaded = model in self._loaded_names()
         queued = 0
-        if self.placement.warm_elsewhere(model, loaded_here=loaded, peers=self._peers):
-            queued = int(await self.redis.get(keys.queued_count(model)) or 0)
+        loader: str | None = None
+        if not loaded and self.placement.locality_wait > 0:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(keys.queued_count(model))
+                pipe.get(keys.loading(model))
+                count, who = await pipe.execute()
+            queued = int(count or 0)
+            loader = who.decode() if isinstance(who, bytes) else who
         delay = self.placement.delay(
             model,
             loaded_here=loaded,
             peers=self._peers,
             queued=queued,
             holding=self._loaded_names(),
+            loader=loader,
         )
         if self.breaker.recent_failures() and self._served_elsewhere(model):
             # Failing lately: let healthy nodes take jobs first, so one job is not failed
             # here attempt after attempt before the breaker opens.
             delay = max(delay, self.settings.spill_after)
         return delay
+
+    async def _announce_load(self, model: str) -> None:
+        """Tell the other nodes this one is loading ``model`` (so they do not load it too),
+        and count it as the one model loaded here until ``/api/ps`` is read after the
+        load: the load may evict the others, and a node that took their jobs as warm
+        meanwhile would switch back and forth between models."""
+        if self.placement.locality_wait <= 0:
+            return  # locality off: claims follow the last /api/ps answer, as before it
+        self._loaded = [{"name": model, "model": model}]
+        cost = self.placement.load_costs.get(model, self.placement.load_cost)
+        hold = cost + 2 * self.settings.heartbeat_interval
+        with contextlib.suppress(*REDIS_WRITE_ERRORS):  # a hint: losing it costs a load
+            await self.redis.set(keys.loading(model), self.node_id, px=int(hold * 1000))
+
+    async def _after_load(self) -> None:
+        with contextlib.suppress(*REDIS_WRITE_ERRORS):
+            await self.refresh_loaded()
+            await self.heartbeat()
 
     async def _leave_to_faster(self, model: str) -> bool:
         """Whether faster nodes should take the whole short backlog of ``model``."""
@@ -734,6 +765,14 @@ class Worker:
         load_s = load / 1e9 if isinstance(load, int | float) and load > LOADED_NS else 0.0
         if load_s:
             self.placement.note_load(model, load_s)
+        # The load may have evicted another model: learn which now, not at the next
+        # refresh, so the next claims do not take that model's jobs as warm here.
+        if (
+            load_s
+            and self.placement.locality_wait > 0
+            and (self._after_load_task is None or self._after_load_task.done())
+        ):
+            self._after_load_task = asyncio.create_task(self._after_load(), name="after-load")
         self.placement.note_duration(model, took - load_s)
         tokens, spent = final.get("eval_count"), final.get("eval_duration")
         if isinstance(tokens, int) and isinstance(spent, int | float) and tokens >= MIN_TOKENS:

@@ -18,10 +18,15 @@ preference longer than its delay. The reasons, added up:
   them, claiming only jobs that waited ``locality_wait`` (the safety valve should the warm
   nodes stall); otherwise it claims at once and loads the model. A node that has another
   model loaded counts the load twice (it may evict that model, whose next job then needs
-  a load too). A node that alone has
-  some other model loaded (loading may evict it) leaves the load to others: it waits
-  ``locality_wait`` while the model is warm elsewhere, and the load cost while it is
-  warm nowhere.
+  a load too). A node that alone has some other model loaded counts it three times
+  (``SOLE_FACTOR``: this load, the reload of its own model for that model's next job,
+  and that job's wait for it), and while the model is warm nowhere it waits the load
+  cost, so that nodes whose model is also loaded elsewhere load first.
+- **One loader at a time.** A node that claims a job of a model it does not have loaded
+  names itself in Redis (``keys.loading``, for the load cost plus two heartbeats); the
+  others count it as warm for that model (``loader``) until its heartbeat shows the
+  model loaded. So a model warm nowhere (its only node died) is loaded by one node, not
+  by every node with a free slot at once.
 
 **Tail-aware claims** are a gate rather than a delay: each node measures its speed per
 model (``eval_count / eval_duration`` of its answers). A node with faster peers for a
@@ -29,9 +34,14 @@ model leaves that model's jobs to them while the queue is short enough that they
 finish the last queued job sooner even after waiting for a slot: the faster nodes start
 queued jobs at a rate proportional to ``sum(slots * speed)`` over them, so with ``Q`` jobs
 queued this node claims only while ``Q > sum(slots_f * speed_f) * (1/speed - 1/fastest)``
-(the job length cancels out). Once the backlog is that short the slow node idles, and
-the tail of a batch runs on the fast nodes; should the backlog not move for twice the
-longest job time the faster nodes report (at least a second), it claims anyway.
+(the job length cancels out), plus half a job: the faster slots free up at random
+phases, the first after half a job on average, so the last queued job starts there
+about ``Q - 0.5`` jobs later, not ``Q``. With nodes whose speeds are in whole ratios (1x,
+2x, 4x) the plain threshold is a whole number, and the decision at ``Q`` equal to it
+flipped with the noise of the measured speeds; half a job puts it between two queue
+lengths. Once the backlog is that short the slow node idles, and the tail of a batch
+runs on the fast nodes; should the backlog not move for twice the longest job time the
+faster nodes report (at least a second), it claims anyway.
 
 Peers are read from the node registry (their heartbeats); a peer counts only while it
 heartbeats, its state is ``running`` (breaker closed) and it serves the model.
@@ -49,6 +59,12 @@ SPEED_SMOOTHING = 0.3
 """Weight of the newest measurement in the moving average of a node's speed."""
 MIN_PATIENCE = 1.0
 """Least seconds a slow node waits on faster nodes that take none of a short backlog."""
+SOLE_FACTOR = 3.0
+"""Load costs a node that alone has another model loaded weighs a load against: this
+load, the reload of that model for its next job, and that job's wait for it."""
+TAIL_MARGIN = 0.5
+"""Jobs added to the tail threshold: the expected phase of the faster nodes' next free
+slot, in jobs (see the module docstring)."""
 FASTER = 1.1
 """A peer counts as faster only above this ratio: measurement noise must not make
 equal nodes defer to each other."""
@@ -101,7 +117,9 @@ class Placement:
                 continue
             capacity += int(peer.get("slots_total") or 0) * speed
             fastest = max(fastest, speed)
-        return capacity * (1 / mine - 1 / fastest)
+        if not capacity:
+            return 0.0
+        return capacity * (1 / mine - 1 / fastest) + TAIL_MARGIN
 
     def tail_patience(self, model: str, peers: Iterable[dict[str, Any]]) -> float:
         """Seconds a short backlog left to faster nodes may go without one of its jobs
@@ -121,12 +139,18 @@ class Placement:
         self.load_costs[model] = seconds
 
     def warm_elsewhere(
-        self, model: str, *, loaded_here: bool, peers: Iterable[dict[str, Any]]
+        self,
+        model: str,
+        *,
+        loaded_here: bool,
+        peers: Iterable[dict[str, Any]],
+        loader: str | None = None,
     ) -> bool:
-        """Whether locality matters: the model is not loaded here but on a live peer."""
+        """Whether locality matters: the model is not loaded here but on a live peer (or
+        ``loader``, a live peer that is loading it)."""
         if loaded_here or self.locality_wait <= 0:
             return False
-        return any(_warm(peer, model, self.node_id) for peer in peers)
+        return any(_warm(peer, model, self.node_id, loader) for peer in peers)
 
     def delay(
         self,
@@ -136,10 +160,12 @@ class Placement:
         peers: Iterable[dict[str, Any]],
         queued: int = 0,
         holding: Iterable[str] = (),
+        loader: str | None = None,
     ) -> float:
         """Seconds a job of ``model`` must have waited before this node claims it;
         ``queued``: the model's jobs waiting (read when ``warm_elsewhere``); ``holding``:
-        the models loaded here."""
+        the models loaded here; ``loader``: the node loading ``model`` (``keys.loading``),
+        counted as warm for it."""
         peers = list(peers)
         delay = 0.0
         warm_slots = 0
@@ -151,7 +177,7 @@ class Placement:
                 continue
             if model not in _names(peer.get("models")):
                 continue
-            if not loaded_here and _warm(peer, model, self.node_id):
+            if not loaded_here and _warm(peer, model, self.node_id, loader):
                 warm_slots += int(peer.get("slots_total") or 0)
                 took = (peer.get("durations") or {}).get(model)
                 if isinstance(took, int | float) and took > 0:
@@ -179,10 +205,13 @@ class Placement:
         if warm_slots:
             took = _job_time(warm_times, peers, self.durations, model)
             # A load that evicts another model is likely paid twice: that model's next
-            # job needs a load too.
-            if any(held != model for held in holding):
+            # job needs a load too. If no other node has that model, surely so, and that
+            # job waits for the reload besides.
+            if sole:
+                cost *= SOLE_FACTOR
+            elif any(held != model for held in holding):
                 cost *= 2
-            if sole or took is None or queued * took / warm_slots <= cost:
+            if took is None or queued * took / warm_slots <= cost:
                 delay = max(delay, self.locality_wait)
         elif sole:
             delay = max(delay, min(self.locality_wait, cost))
@@ -208,11 +237,12 @@ def _job_time(
     return sum(known) / len(known) if known else None
 
 
-def _warm(peer: dict[str, Any], model: str, me: str) -> bool:
+def _warm(peer: dict[str, Any], model: str, me: str, loader: str | None = None) -> bool:
+    node = peer.get("node_id")
     return (
-        peer.get("node_id") != me
+        node != me
         and peer.get("state") == "running"
-        and model in _names(peer.get("loaded"))
+        and (node == loader or model in _names(peer.get("loaded")))
         and model in _names(peer.get("models"))
     )
 
