@@ -286,6 +286,33 @@ async def test_a_node_knows_what_its_load_evicted_before_the_next_refresh(
     await until(loaded, {MODEL}, within=5)
 
 
+async def test_a_node_that_holds_several_models_keeps_them_while_it_loads_another(
+    start_cluster: StartCluster,
+) -> None:
+    # Two models loaded at once: Ollama holds several, so a third load need not evict
+    # them, and the node keeps taking their jobs as warm while it loads.
+    config = FakeOllamaConfig(
+        models=[MODEL, "qwen2:0.5b", "mistral:latest"],
+        num_parallel=1,
+        max_loaded_models=3,
+        preloaded=["qwen2:0.5b", MODEL],
+        load_delay=2.0,
+    )
+    cluster = await start_cluster([config], worker={"heartbeat_interval": 30, "node_ttl": 90})
+    worker = cluster.nodes[0].worker
+    assert worker._loaded_names() == {"qwen2:0.5b", MODEL}
+
+    async def loading_mistral() -> bool:
+        return "mistral:latest" in worker._loaded_names()
+
+    async with ollama.AsyncClient(host=cluster.url) as client:
+        load = asyncio.create_task(client.generate(model="mistral", prompt="a third"))
+        await until(loading_mistral, True, within=5)
+        assert not load.done()  # claimed, still loading (2 s)
+        assert worker._loaded_names() == {"qwen2:0.5b", MODEL, "mistral:latest"}
+        await load
+
+
 async def test_forced_runner_options_stop_reloads_between_clients_that_differ_there(
     start_cluster: StartCluster,
 ) -> None:

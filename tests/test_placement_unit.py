@@ -175,8 +175,11 @@ def test_a_node_alone_holding_a_model_weighs_a_load_three_times() -> None:
     assert node.delay(MODEL, loaded_here=False, peers=shared, queued=4, holding=held) == 10.0
     assert node.delay(MODEL, loaded_here=False, peers=shared, queued=5, holding=held) == 0.0
     # Warm nowhere: someone must load it; a sole holder lets the others go first.
-    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5, holding=held) == 2.0
-    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5) == 0.0
+    cold = [_peer("cold")]
+    assert node.delay(MODEL, loaded_here=False, peers=cold, queued=5, holding=held) == 2.0
+    assert node.delay(MODEL, loaded_here=False, peers=cold, queued=5) == 0.0
+    # No other node serves the model: nobody else could load it, so waiting gains nothing.
+    assert node.delay(MODEL, loaded_here=False, peers=[], queued=5, holding=held) == 0.0
 
 
 def test_a_node_loading_the_model_counts_as_warm_until_its_heartbeat_shows_it() -> None:

@@ -157,6 +157,9 @@ class Worker:
         self._tail_watch: dict[str, tuple[int, float]] = {}
         """Per model, the queue length last seen while leaving it to faster nodes, and
         since when it has not changed."""
+        self._most_loaded = 0
+        """The most models ``/api/ps`` has shown loaded at once: above one, Ollama holds
+        several (``OLLAMA_MAX_LOADED_MODELS``) and a load need not evict the others."""
         self._after_load_task: asyncio.Task[None] | None = None
         """Reads ``/api/ps`` and heartbeats after a load (see ``_measure``)."""
         self._peers: list[fleet.NodeRecord] = []
@@ -352,6 +355,7 @@ class Worker:
             return
         if isinstance(ps, dict):
             self._loaded = list(ps.get("models") or [])
+            self._most_loaded = max(self._most_loaded, len(self._loaded))
 
     async def heartbeat(self) -> None:
         """Publish this node's record. Waits on Redis alone: never on Ollama, and host
@@ -570,12 +574,15 @@ class Worker:
 
     async def _announce_load(self, model: str) -> None:
         """Tell the other nodes this one is loading ``model`` (so they do not load it too),
-        and count it as the one model loaded here until ``/api/ps`` is read after the
-        load: the load may evict the others, and a node that took their jobs as warm
-        meanwhile would switch back and forth between models."""
+        and count it as loaded here until ``/api/ps`` is read after the load; on a node
+        that holds one model at a time, as the only one: the load evicts the other, and
+        a node that took its jobs as warm meanwhile would switch back and forth."""
         if self.placement.locality_wait <= 0:
             return  # locality off: claims follow the last /api/ps answer, as before it
-        self._loaded = [{"name": model, "model": model}]
+        loading = {"name": model, "model": model}
+        # A node seen holding one model at a time likely evicts it; one seen holding
+        # several keeps them, as far as it knows, until /api/ps says otherwise.
+        self._loaded = [*self._loaded, loading] if self._most_loaded > 1 else [loading]
         cost = self.placement.load_costs.get(model, self.placement.load_cost)
         hold = cost + 2 * self.settings.heartbeat_interval
         with contextlib.suppress(*REDIS_WRITE_ERRORS):  # a hint: losing it costs a load

@@ -21,7 +21,8 @@ preference longer than its delay. The reasons, added up:
   a load too). A node that alone has some other model loaded counts it three times
   (``SOLE_FACTOR``: this load, the reload of its own model for that model's next job,
   and that job's wait for it), and while the model is warm nowhere it waits the load
-  cost, so that nodes whose model is also loaded elsewhere load first.
+  cost, so that nodes whose model is also loaded elsewhere load first (only while another
+  live node serves the model: alone, it loads at once).
 - **One loader at a time.** A node that claims a job of a model it does not have loaded
   names itself in Redis (``keys.loading``, for the load cost plus two heartbeats); the
   others count it as warm for that model (``loader``) until its heartbeat shows the
@@ -172,11 +173,13 @@ class Placement:
         warm_times: list[float] = []
         higher = 0
         free_primary = False
+        others = False  # another live node serves the model: it could load it instead
         for peer in peers:
             if peer.get("node_id") == self.node_id or peer.get("state") != "running":
                 continue
             if model not in _names(peer.get("models")):
                 continue
+            others = True
             if not loaded_here and _warm(peer, model, self.node_id, loader):
                 warm_slots += int(peer.get("slots_total") or 0)
                 took = (peer.get("durations") or {}).get(model)
@@ -213,7 +216,7 @@ class Placement:
                 cost *= 2
             if took is None or queued * took / warm_slots <= cost:
                 delay = max(delay, self.locality_wait)
-        elif sole:
+        elif sole and others:
             delay = max(delay, min(self.locality_wait, cost))
         return delay
 
