@@ -18,7 +18,7 @@ from corral.jobs import ClaimedJob
 from corral.keys import JobKind
 from corral.tooling.cluster import LocalCluster, LocalNode
 from corral.tooling.fake_ollama import FakeOllamaConfig
-from corral.worker.resume import Partial, continuation, read_partial
+from corral.worker.resume import Partial, continuation, read_partial, summed_final
 from tests.helpers import until
 
 StartCluster = Callable[..., Awaitable[LocalCluster]]
@@ -130,6 +130,17 @@ def test_a_generate_is_continued_as_the_equivalent_chat() -> None:
     assert body["options"] == {"num_predict": 3, "num_ctx": 8}
     raw = continuation(JobKind.GENERATE, b'{"model":"m","prompt":"p","raw":true}', partial)
     assert orjson.loads(raw.request)["prompt"] == "pecho: one " and not raw.as_generate
+
+
+def test_a_continued_answers_counts_keep_the_speed_it_was_generated_at() -> None:
+    # 4 tokens in 0.5 s here, after 4 tokens another node streamed: 8 tokens at 8 tok/s,
+    # not 8 tokens in 0.5 s (16 tok/s, as when only the count was summed).
+    final = {"done": True, "eval_count": 4, "eval_duration": 500_000_000, "total_duration": 7e8}
+    summed = summed_final(final, Partial([{"response": "x"}] * 4))
+    assert summed["eval_count"] == 8
+    assert summed["eval_duration"] == 1_000_000_000
+    assert summed["total_duration"] == 1_200_000_000
+    assert summed["eval_count"] / (summed["eval_duration"] / 1e9) == 8.0
 
 
 async def test_a_chunk_goes_out_only_with_its_record_while_redis_refuses_writes(

@@ -865,15 +865,22 @@ class Worker:
                 progress.sent += 1
         if not aggregate.done:
             raise BackendError("Ollama ended the stream before it was done", 502, retriable=True)
-        self._record_speed(job, aggregate.final or {})
+        self._record_speed(job, aggregate.final or {}, partial.sent if partial else 0)
         result = orjson.dumps(aggregate.result())
         return result, last if job.stream else result
 
-    def _record_speed(self, job: ClaimedJob, final: dict[str, Any]) -> None:
-        """Tokens generated and their rate, from Ollama's own counts in the last chunk."""
+    def _record_speed(self, job: ClaimedJob, final: dict[str, Any], earlier: int = 0) -> None:
+        """Tokens this node generated and their rate, from Ollama's own counts in the last
+        chunk; ``earlier``: tokens of a continued answer that another node generated (its
+        final counts include them, and its duration is scaled to them)."""
         tokens, nanos = final.get("eval_count"), final.get("eval_duration")
         if not isinstance(tokens, int) or tokens <= 0:
             return
+        if earlier and isinstance(nanos, int | float):
+            nanos = nanos * (tokens - earlier) / tokens
+            tokens -= earlier
+            if tokens <= 0:
+                return
         labels = (self.node_id, job.model)
         self.recorder.count("tok", labels, tokens)
         if isinstance(nanos, int | float) and nanos > 0:

@@ -111,8 +111,21 @@ def as_generate_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
 
 
 def summed_final(final: dict[str, Any], partial: Partial) -> dict[str, Any]:
-    """The last chunk with the first attempt's tokens counted in."""
-    count = final.get("eval_count")
-    if isinstance(count, int):
-        final["eval_count"] = count + partial.sent
+    """The last chunk with the first attempt's tokens counted in.
+
+    The first attempt's generation time is not known (its node died before its final
+    chunk), so ``eval_duration`` is this attempt's, scaled to the whole count at this
+    attempt's speed, and ``total_duration`` grows by the same: a client computing tokens/s
+    from ``eval_count / eval_duration`` reads the speed the answer was generated at, not a
+    rate inflated by tokens counted without their time."""
+    count, spent = final.get("eval_count"), final.get("eval_duration")
+    if not isinstance(count, int):
+        return final
+    final["eval_count"] = count + partial.sent
+    if count > 0 and isinstance(spent, int | float) and spent > 0:
+        extra = int(spent * partial.sent / count)
+        final["eval_duration"] = int(spent) + extra
+        total = final.get("total_duration")
+        if isinstance(total, int | float):
+            final["total_duration"] = int(total) + extra
     return final
