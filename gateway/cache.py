@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
@@ -223,8 +224,8 @@ class FlightResponse(JobResponse):
         if flight.job_id:
             self.extra_headers.append((b"x-corral-job-id", flight.job_id.encode()))
 
-    async def _release(self) -> None:
-        await self.flight.leave(self.queue)
+    def _release(self) -> Coroutine[Any, Any, None]:
+        return self.flight.leave(self.queue)
 
     async def _cancel(self, reason: str, *, expired: bool = False) -> None:
         # This request stops waiting; the job goes on while others share it.

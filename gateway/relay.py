@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -111,14 +112,19 @@ class JobResponse(Response):
         finally:
             watcher.cancel()
             self._record()
-            # Shielded: the request task may itself be cancelled (server shutdown).
-            await asyncio.shield(self._release())
+            pending = self._release()
+            if pending is not None:
+                # Shielded: the request task may itself be cancelled (server shutdown).
+                await asyncio.shield(pending)
 
-    async def _release(self) -> None:
-        """The request is over: stop listening, and cancel the job if it did not end."""
+    def _release(self) -> Coroutine[Any, Any, None] | None:
+        """The request is over: stop listening; returns what is left to await (cancelling
+        a job that did not end), if anything. Most requests end settled and need nothing
+        awaited: a shield costs a task, which they are spared."""
         self.router.unregister(self.spec.job_id)
-        if not self._settled:
-            await self._cancel("client disconnected")
+        if self._settled:
+            return None
+        return self._cancel("client disconnected")
 
     def _record(self) -> None:
         """Count the request and its latencies: in memory only, flushed in the background."""
