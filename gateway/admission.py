@@ -191,11 +191,11 @@ async def relay(
     answer it without a job of its own (``corral.gateway.cache``)."""
     state = state_of(request)
     wait = inputs.timeout(request, state.settings.request_timeout)
+    level = state.fleet.level
+    cache = state.cache if body is not None and spec.kind.streams else None
     response: Response
-    if body is not None and state.cache is not None and spec.kind.streams:
-        response = await state.cache.answer(
-            request, spec, dialect, body, wait=wait, level=state.fleet.level
-        )
+    if cache is not None and body is not None and cache.takes(request, spec, body, level=level):
+        response = await cache.answer(spec, dialect, body, wait=wait, level=level)
     else:
         response = await JobResponse.submit(
             spec,
@@ -206,6 +206,8 @@ async def relay(
             wait_limit=wait,
             recorder=state.recorder,
         )
+        if cache is not None:
+            cache.bypassed(response)
     ticket: Ticket | None = getattr(request.state, "rate_ticket", None)
     if ticket is not None and isinstance(response, JobResponse):
         response.on_done = _settler(state, ticket)

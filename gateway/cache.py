@@ -89,28 +89,30 @@ class ResponseCache:
         for task in list(self.tasks):
             await cancel_and_wait(task)
 
-    async def answer(
-        self,
-        request: Request,
-        spec: JobSpec,
-        dialect: Dialect,
-        body: dict[str, Any],
-        *,
-        wait: float,
-        level: int,
-    ) -> Response:
-        """The response to a request of a cacheable kind (see the module's docstring).
+    def takes(self, request: Request, spec: JobSpec, body: dict[str, Any], *, level: int) -> bool:
+        """Whether the cache answers this request (see the module's docstring); the caller
+        submits the job itself otherwise, and marks it ``bypassed``.
 
         ``level`` is the fleet's degradation level: from ``cache_widen_level`` on (when
         set), answers that are not deterministic are cached and shared too."""
         settings = self.settings
-        started = time.perf_counter()
-        if (
+        return not (
             spec.kind not in CACHEABLE_KINDS
             or request.headers.get(HEADER, "").strip().lower() == "bypass"
             or not (settings.cache_widen or _widened(level, settings) or deterministic(body))
-        ):
-            return await self.bypass(spec, dialect, wait)
+        )
+
+    def bypassed(self, response: JobResponse) -> None:
+        """Mark and count a request the cache was asked about and did not take."""
+        response.extra_headers.append((HEADER.encode(), _BYPASS))
+        self._count("bypass")
+
+    async def answer(
+        self, spec: JobSpec, dialect: Dialect, body: dict[str, Any], *, wait: float, level: int
+    ) -> Response:
+        """The response to a request the cache ``takes``: from L1, or from the flight that
+        runs (or found in L2) the one job for its key."""
+        started = time.perf_counter()
         key = cache_key(spec.kind, spec.stream, body)
         found = self.store.local(key)
         if found is not None:
@@ -134,20 +136,6 @@ class ResponseCache:
         self.store.outcomes[outcome] += 1
         if self.recorder is not None:
             self.recorder.tick(f"cache:{outcome}")
-
-    async def bypass(self, spec: JobSpec, dialect: Dialect, wait: float) -> JobResponse:
-        response = await JobResponse.submit(
-            spec,
-            self.store_jobs,
-            self.router,
-            dialect,
-            max_queue=self.settings.max_queue,
-            wait_limit=wait,
-            recorder=self.recorder,
-        )
-        response.extra_headers.append((HEADER.encode(), _BYPASS))
-        self._count("bypass")
-        return response
 
 
 def _widened(level: int, settings: GatewaySettings) -> bool:
