@@ -23,7 +23,7 @@ from corral import keys
 from corral.audit import AuditLog
 from corral.connections import text
 from corral.names import normalize_model
-from corral.settings import CommonSettings
+from corral.settings import ActionParser, CommonSettings
 from corral.tenants import (
     ApiKey,
     KeyClass,
@@ -44,38 +44,34 @@ _CLASS_LIMITS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral keys", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--redis-url", default=argparse.SUPPRESS, help="default: CORRAL_REDIS_URL")
-    parser.add_argument("--redis-url", default=None, help="default: CORRAL_REDIS_URL")
-    sub = parser.add_subparsers(dest="action", required=True)
+    command = ActionParser("corral keys", __doc__)
 
-    add = sub.add_parser("add", parents=[common], help="create a key and print it (once)")
+    add = command.action("add", help="create a key and print it (once)")
     add.add_argument("--id", default="", help="a name for the key (default: random)")
     _key_options(add, scopes_default="user")
 
-    listing = sub.add_parser("list", parents=[common], help="show keys (never the keys)")
+    listing = command.action("list", help="show keys (never the keys)")
     listing.add_argument("--json", action="store_true")
 
-    revoke = sub.add_parser("revoke", parents=[common], help="delete keys for good")
+    revoke = command.action("revoke", help="delete keys for good")
     revoke.add_argument("ids", nargs="+")
 
-    change = sub.add_parser("set", parents=[common], help="change a key's class, scopes, priority")
+    change = command.action("set", help="change a key's class, scopes, priority")
     change.add_argument("id")
     _key_options(change, scopes_default=None)
 
-    klass = sub.add_parser("class", parents=[common], help="create or change a class")
+    klass = command.action("class", help="create or change a class")
     klass.add_argument("name")
     klass.add_argument("--models", default=None, help="comma-separated models (''=every one)")
     for name, text_ in _CLASS_LIMITS:
         klass.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=text_)
 
-    classes = sub.add_parser("classes", parents=[common], help="show the classes")
+    classes = command.action("classes", help="show the classes")
     classes.add_argument("--json", action="store_true")
 
-    drop = sub.add_parser("class-delete", parents=[common], help="delete a class")
+    drop = command.action("class-delete", help="delete a class")
     drop.add_argument("name")
-    return parser
+    return command.parser
 
 
 def _key_options(parser: argparse.ArgumentParser, *, scopes_default: str | None) -> None:

@@ -125,6 +125,25 @@ def _problem(error: Any) -> str:
     return f"{where}: {message} (got {error['input']!r})"
 
 
+class ActionParser:
+    """A command made of actions (``corral keys add``, ``corral dlq list``) whose
+    ``--redis-url`` is accepted before the action and after it."""
+
+    def __init__(self, prog: str, description: str | None) -> None:
+        self.parser = argparse.ArgumentParser(prog=prog, description=description)
+        self.parser.add_argument("--redis-url", default=None, help=_REDIS_URL_HELP)
+        # After the action: SUPPRESS leaves the value given before it, if any, in place.
+        self._common = argparse.ArgumentParser(add_help=False)
+        self._common.add_argument("--redis-url", default=argparse.SUPPRESS, help=_REDIS_URL_HELP)
+        self._actions = self.parser.add_subparsers(dest="action", required=True)
+
+    def action(self, name: str, help: str) -> argparse.ArgumentParser:
+        return self._actions.add_parser(name, parents=[self._common], help=help)
+
+
+_REDIS_URL_HELP = "default: CORRAL_REDIS_URL"
+
+
 def _flag_type(annotation: Any) -> Any:
     if annotation in (int, float, bool):
         return annotation

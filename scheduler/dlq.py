@@ -21,25 +21,18 @@ from rq.registry import FailedJobRegistry
 
 from corral import keys
 from corral.rqjson import SERIALIZER
-from corral.settings import CommonSettings
+from corral.settings import ActionParser, CommonSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral dlq", description=__doc__)
-    # Accepted before the action and after it (``corral dlq list --redis-url URL``).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--redis-url", default=argparse.SUPPRESS, help="default: CORRAL_REDIS_URL")
-    parser.add_argument("--redis-url", default=None, help="default: CORRAL_REDIS_URL")
-    sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser(
-        "list", parents=[common], help="show dead-lettered jobs and why they died"
-    )
+    command = ActionParser("corral dlq", __doc__)
+    listing = command.action("list", help="show dead-lettered jobs and why they died")
     listing.add_argument("--json", action="store_true")
     for name, text in (("retry", "send jobs back into the fleet"), ("purge", "forget jobs")):
-        action = sub.add_parser(name, parents=[common], help=text)
+        action = command.action(name, help=text)
         action.add_argument("ids", nargs="*", help="Corral job ids or RQ job ids")
         action.add_argument("--all", action="store_true", help="every dead-lettered job")
-    return parser
+    return command.parser
 
 
 def main(argv: list[str] | None = None) -> int:
