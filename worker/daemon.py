@@ -551,7 +551,9 @@ class Worker:
         loaded = model in self._loaded_names()
         queued = 0
         loader: str | None = None
-        if not loaded and self.placement.locality_wait > 0:
+        # Both figures only matter while another node could take the job or load the model
+        # instead (``Placement.delay`` waits for nobody else): a node alone reads nothing.
+        if not loaded and self.placement.locality_wait > 0 and self._served_elsewhere(model):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.get(keys.queued_count(model))
                 pipe.get(keys.loading(model))
