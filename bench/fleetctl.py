@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import os
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -138,6 +139,18 @@ def corral_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "corral.cli", *args]
 
 
+FAKE_COMMAND_ENV = "CORRAL_BENCH_FAKE"
+"""A command line that runs ``corral`` for the fake Ollama nodes in place of this checkout's
+own (say ``OTHER/.venv/bin/python -P -m corral.cli``). A comparison of two versions of
+Corral runs both against the same fake this way, so that what the fake itself costs on a
+shared machine is not counted for or against either version."""
+
+
+def fake_argv(*args: str) -> list[str]:
+    command = os.environ.get(FAKE_COMMAND_ENV, "").strip()
+    return [*shlex.split(command), *args] if command else corral_argv(*args)
+
+
 @dataclass
 class Node:
     node_id: str
@@ -240,7 +253,7 @@ class Fleet:
 
     def start_fake(self, name: str, spec: FakeSpec) -> tuple[Proc, str]:
         port = free_port()
-        proc = Proc(f"fake-{name}", corral_argv(*spec.argv(port)), self.log_dir)
+        proc = Proc(f"fake-{name}", fake_argv(*spec.argv(port)), self.log_dir)
         url = f"http://127.0.0.1:{port}"
         proc.wait_until(lambda: _http_ok(url + "/api/version"), START_DEADLINE, f"fake {name}")
         return proc, url
