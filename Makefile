@@ -49,8 +49,8 @@ run: venv ## like demo, but keep everything running until Ctrl-C (PORT=11434 pic
 bench: venv ## run the benchmarks
 	$(BIN)/python bench/run_all.py
 
-bench-smoke: venv ## run each benchmark briefly (a quick check that they work)
-	$(BIN)/python bench/run_all.py --smoke
+bench-smoke: venv ## run each benchmark briefly, two at a time (a quick check that they work)
+	$(BIN)/python bench/run_all.py --smoke --jobs 2
 
 # rq-dashboard listens on localhost only (reach it from elsewhere through an SSH tunnel);
 # RQ_DASHBOARD_USERNAME/PASSWORD turn on its basic auth. Its Redis: CORRAL_REDIS_URL, else

@@ -61,8 +61,6 @@ class FleetView:
         self.health = health
         self.model_grace = model_grace
         self.current = fleet.Fleet()
-        self.level: int = 0
-        """The fleet's degradation level (0 normal ... 3 critical)."""
         self.task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._read_at = 0.0  # monotonic: local ages only
@@ -70,8 +68,8 @@ class FleetView:
         """node id -> (models it served, when it was last seen alive; monotonic)."""
         self.load: LoadReport = NO_LOAD
         """The scheduler's last load report (level 0 and no figures when there is none)."""
-        self.level = 0
-        """``load.level``, the degradation level requests apply."""
+        self.level: int = 0
+        """``load.level``: the degradation level requests apply (0 normal ... 3 critical)."""
         self._load_read_at = 0.0  # monotonic
         self.memory_limit = memory_limit
         self.memory_share = 0.0
