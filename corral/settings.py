@@ -428,7 +428,8 @@ class WorkerSettings(CommonSettings):
         2048,
         ge=1,
         description="streamed chunks of one job kept in Redis for replay; past it the client "
-        "still gets every chunk live, but a gateway that lost messages cannot relay the rest",
+        "still gets every chunk live, but a gateway that lost messages cannot relay the rest "
+        "and a node's death cannot be resumed from",
     )
     clock_offset: float = Field(
         0.0,

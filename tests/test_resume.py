@@ -18,6 +18,7 @@ from corral.jobs import ClaimedJob
 from corral.keys import JobKind
 from corral.tooling.cluster import LocalCluster, LocalNode
 from corral.tooling.fake_ollama import FakeOllamaConfig
+from corral.worker.breaker import BreakerState
 from corral.worker.resume import Partial, continuation, read_partial, summed_final
 from tests.helpers import until
 
@@ -103,6 +104,38 @@ async def test_with_resumption_off_a_stream_cut_by_its_node_ends_with_an_error(
         with pytest.raises(ollama.ResponseError):
             async for _ in await client.generate(model="llama3", prompt=PROMPT, stream=True):
                 pass
+
+
+async def test_an_answer_longer_than_its_replay_list_ends_with_an_error_not_a_splice(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    # Two chunks kept for replay, four sent before the node's Ollama dies: the list no
+    # longer says where the client is. Continued from the end of the list, the new
+    # node's text would be spliced onto what the client read past it (this echoing fake
+    # happens to write the same words again; a model does not).
+    cluster = await start_cluster(
+        [FakeOllamaConfig(token_rate=100, crash_after_tokens=4)],
+        worker={"replay_max_messages": 2},
+        scheduler={"retry_base": 1.0, "retry_cap": 1.0},
+    )
+    dying = cluster.nodes[0]
+    parts: list[Any] = []
+
+    async def ask() -> None:
+        async with ollama.AsyncClient(host=cluster.url) as client:
+            async for part in await client.generate(model="llama3", prompt=PROMPT, stream=True):
+                parts.append(part)
+
+    asked = asyncio.create_task(ask())
+    await dying.fake.fake.wait_until(lambda s: s["failed"] >= 1)
+    await _replace(cluster, dying, replay_max_messages=2)
+    with pytest.raises(ollama.ResponseError, match=r"past the 2 chunks .* cannot be continued"):
+        await asyncio.wait_for(asked, 30)
+    text = "".join(p.response for p in parts)
+    assert len(parts) == 4 and ANSWER.startswith(text)  # what it had, then the error
+    rescuer = cluster.nodes[0]
+    assert rescuer.fake.fake.stats()["completed"] == 0  # no continuation was asked for
+    assert rescuer.worker.breaker.state is BreakerState.CLOSED
 
 
 def test_a_partial_answer_is_read_in_order_each_chunk_once() -> None:

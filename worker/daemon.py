@@ -40,6 +40,7 @@ from corral.worker.metrics import HostMetrics, host_addresses
 from corral.worker.ollama import OllamaClient
 from corral.worker.placement import Placement
 from corral.worker.resume import (
+    CannotContinue,
     Partial,
     as_generate_chunk,
     continuation,
@@ -704,8 +705,9 @@ class Worker:
             log.info("job %s done in %.3fs", job.job_id, time.monotonic() - started)
         except BackendError as exc:
             # A 4xx is Ollama answering properly about a bad request: the node is fine.
-            # A batch's failure is the node's once, not once per job in the batch.
-            healthy = None if isinstance(exc, EchoedError) else exc.status < 500
+            # A batch's failure is the node's once, not once per job in the batch; an
+            # answer no node can continue is no node's failure.
+            healthy = None if isinstance(exc, EchoedError | CannotContinue) else exc.status < 500
             await self._failed(job, exc, progress.sent)
         except TimeoutError as exc:
             if limit.expired():
@@ -891,10 +893,22 @@ class Worker:
             )
 
     async def _partial(self, job: ClaimedJob) -> Partial | None:
-        """The chunks an earlier attempt already streamed to the client, if any."""
+        """The chunks an earlier attempt already streamed to the client, if any.
+
+        A replay list cut at ``replay_max_messages`` no longer says where the client is:
+        a continuation from the end of the list would be spliced onto text the client
+        read past that point (the gateway drops the chunks it has by their numbers), a
+        seam a model does not write the same way twice. Such an answer ends with an error.
+        """
         if not (self.settings.resume_streams and job.stream and job.attempt > 1):
             return None
-        partial = read_partial(await self.redis.lrange(keys.output(job.job_id), 0, -1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(keys.output(job.job_id), 0, -1)
+            pipe.hget(keys.job(job.job_id), "replay_cut")
+            messages, cut = await pipe.execute()
+        partial = read_partial(messages)
+        if cut:
+            raise CannotContinue(partial.sent)
         return partial if partial.sent else None
 
     async def _forward(self, job: ClaimedJob, channel: str, message: bytes, *, seq: int) -> None:

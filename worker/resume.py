@@ -15,6 +15,9 @@ same list a gateway replays from) and asks its Ollama to continue:
 sequence numbers following on, so the client reads one unbroken answer; the final chunk's
 ``eval_count`` is the sum of both attempts' (one chunk is one token). Durations and
 ``prompt_eval_count`` are the last attempt's: the first attempt's died with its node.
+
+An answer longer than its replay list (``CORRAL_REPLAY_MAX_MESSAGES`` chunks) is not
+continued: the list no longer says where the client is (``CannotContinue``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,22 @@ from typing import Any
 import orjson
 
 from corral import protocol
+from corral.errors import BackendError
 from corral.keys import JobKind
+
+
+class CannotContinue(BackendError):
+    """The answer passed its replay cap before its node stopped: no node can continue it
+    (a failure of the job, not of the node that found out)."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(
+            f"the node streaming this answer stopped past the {sent} chunks Corral keeps to "
+            "continue an answer (CORRAL_REPLAY_MAX_MESSAGES): the rest cannot be continued "
+            "on another node",
+            503,
+            retriable=False,
+        )
 
 
 @dataclass(slots=True)
