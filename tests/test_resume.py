@@ -35,15 +35,18 @@ async def _replace(cluster: LocalCluster, node: LocalNode, **worker: Any) -> Non
     await cluster.add_node(FakeOllamaConfig(token_rate=100), node_id="rescuer", **worker)
 
 
-async def test_a_generate_continues_on_another_node_after_its_ollama_died_mid_stream(
-    start_cluster: StartCluster, redis: Redis
-) -> None:
+async def _cut_after_four_chunks(
+    start_cluster: StartCluster, parts: list[Any], **worker: Any
+) -> tuple[LocalCluster, LocalNode, asyncio.Task[None]]:
+    """A streamed generate whose node's Ollama dies after four chunks, the node then
+    replaced by a healthy one (the retry comes back after its 1 s backoff); returns the
+    client's task, which collects what it reads into ``parts``."""
     cluster = await start_cluster(
         [FakeOllamaConfig(token_rate=100, crash_after_tokens=4)],
+        worker=worker,
         scheduler={"retry_base": 1.0, "retry_cap": 1.0},
     )
     dying = cluster.nodes[0]
-    parts: list[Any] = []
 
     async def ask() -> None:
         async with ollama.AsyncClient(host=cluster.url) as client:
@@ -52,7 +55,15 @@ async def test_a_generate_continues_on_another_node_after_its_ollama_died_mid_st
 
     asked = asyncio.create_task(ask())
     await dying.fake.fake.wait_until(lambda s: s["failed"] >= 1)
-    await _replace(cluster, dying)  # the retry comes back after its 1 s backoff
+    await _replace(cluster, dying, **worker)
+    return cluster, dying, asked
+
+
+async def test_a_generate_continues_on_another_node_after_its_ollama_died_mid_stream(
+    start_cluster: StartCluster, redis: Redis
+) -> None:
+    parts: list[Any] = []
+    cluster, dying, asked = await _cut_after_four_chunks(start_cluster, parts)
     await asyncio.wait_for(asked, 30)
 
     text = "".join(p.response for p in parts)
@@ -107,28 +118,14 @@ async def test_with_resumption_off_a_stream_cut_by_its_node_ends_with_an_error(
 
 
 async def test_an_answer_longer_than_its_replay_list_ends_with_an_error_not_a_splice(
-    start_cluster: StartCluster, redis: Redis
+    start_cluster: StartCluster,
 ) -> None:
     # Two chunks kept for replay, four sent before the node's Ollama dies: the list no
     # longer says where the client is. Continued from the end of the list, the new
     # node's text would be spliced onto what the client read past it (this echoing fake
     # happens to write the same words again; a model does not).
-    cluster = await start_cluster(
-        [FakeOllamaConfig(token_rate=100, crash_after_tokens=4)],
-        worker={"replay_max_messages": 2},
-        scheduler={"retry_base": 1.0, "retry_cap": 1.0},
-    )
-    dying = cluster.nodes[0]
     parts: list[Any] = []
-
-    async def ask() -> None:
-        async with ollama.AsyncClient(host=cluster.url) as client:
-            async for part in await client.generate(model="llama3", prompt=PROMPT, stream=True):
-                parts.append(part)
-
-    asked = asyncio.create_task(ask())
-    await dying.fake.fake.wait_until(lambda s: s["failed"] >= 1)
-    await _replace(cluster, dying, replay_max_messages=2)
+    cluster, _, asked = await _cut_after_four_chunks(start_cluster, parts, replay_max_messages=2)
     with pytest.raises(ollama.ResponseError, match=r"past the 2 chunks .* cannot be continued"):
         await asyncio.wait_for(asked, 30)
     text = "".join(p.response for p in parts)
