@@ -32,16 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from fleetctl import FAKE_COMMAND_ENV
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = (64, 512, 2048)
 
 
+def python_of(build: Path) -> Path:
+    return build / ".venv" / "bin" / "python"
+
+
 def run_json(build: Path, argv: list[str], out: Path, env: dict[str, str]) -> Any:
     """Run ``argv`` with the build's Python in its directory; its ``--json`` result."""
-    python = build / ".venv" / "bin" / "python"
     done = subprocess.run(
-        [str(python), *argv, "--json", str(out)],
+        [str(python_of(build)), *argv, "--json", str(out)],
         cwd=build,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -84,28 +88,26 @@ def measure(
 ) -> dict[str, dict[str, list[float]]]:
     env = {
         **os.environ,
-        "CORRAL_BENCH_FAKE": f"{fake / '.venv' / 'bin' / 'python'} -P -m corral.cli",
+        FAKE_COMMAND_ENV: f"{python_of(fake)} -P -m corral.cli",
     }
     results: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in builds}
     for n in range(1, rounds + 1):
         for name, build in builds.items():
-            stem = out / f"{name}-{n}"
+            stem = f"{name}-{n}"  # a build's name may hold dots: no with_suffix
             overhead = run_json(
                 build,
                 ["bench/bench_overhead.py", "--smoke", "--no-profile"],
-                stem.with_suffix(".overhead.json"),
+                out / f"{stem}.overhead.json",
                 env,
             )
             throughput = run_json(
                 build,
                 ["bench/bench_throughput.py", "--smoke", "--no-profile"],
-                stem.with_suffix(".throughput.json"),
+                out / f"{stem}.throughput.json",
                 env,
             )
             timed = (
-                run_json(
-                    build, [str(HERE / "generation_load.py")], stem.with_suffix(".gen.json"), env
-                )
+                run_json(build, [str(HERE / "generation_load.py")], out / f"{stem}.gen.json", env)
                 if generation
                 else None
             )
